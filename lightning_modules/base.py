@@ -1,0 +1,141 @@
+"""What every method's LightningModule shares: backbone + engine + pruner, task loss, evaluation
+with FLOPs and kept-token statistics, optimizer and schedule, checkpoint checks."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torchmetrics import MetricCollection
+from transformers import get_linear_schedule_with_warmup
+
+from lightning_modules.backbones import assert_same_backbone, load_backbone
+from lightning_modules.engine import EncoderOutput, PrunableEncoder
+from lightning_modules.metrics import PruningStats
+from lightning_modules.pruners.base import TokenPruner, check_range
+from search.flops import EncoderDims
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf nodes -> resolved Python containers (hyperparameters stay YAML-friendly)."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def check_optim(optim: Mapping[str, float]) -> None:
+    """Reject optimizer settings outside their ranges before any training starts."""
+    if not optim["lr"] > 0:
+        raise ValueError(f"module.optim.lr={optim['lr']} must be > 0")
+    check_range("module.optim.weight_decay", optim.get("weight_decay", 0.0), 0.0, 1.0)
+    check_range("module.optim.warmup_ratio", optim.get("warmup_ratio", 0.0), 0.0, 0.99)
+
+
+class TokenPruningModule(L.LightningModule):
+    """Base of the method modules.
+
+    backbone / task / pruner are the `conf/backbone`, `conf/task`, `conf/pruner` nodes; they are
+    stored as hyperparameters so `load_from_checkpoint` rebuilds the same model. The HF model is
+    `self.model` (state_dict keys `model.<HF keys>`), the pruner `self.pruner` (None = unpruned).
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        task: Mapping[str, Any],
+        pruner: Mapping[str, Any] | None,
+        optim: Mapping[str, float],
+        compare_unpruned: bool = True,
+    ) -> None:
+        super().__init__()
+        backbone, task, pruner, optim = plain(backbone), plain(task), plain(pruner), plain(optim)
+        check_optim(optim)
+        self.save_hyperparameters({"backbone": backbone, "task": task, "pruner": pruner, "optim": optim,
+                                   "compare_unpruned": compare_unpruned})
+        self.model, self.adapter = load_backbone(backbone, task["num_labels"], token_level=task.get("token_level", False))
+        self.encoder = PrunableEncoder(self.adapter)
+        self.dims = EncoderDims.of(self.adapter)
+        self.pruner: TokenPruner | None = (
+            instantiate(pruner, num_layers=self.adapter.num_layers) if pruner and pruner.get("_target_") else None
+        )
+        self.regression = task["num_labels"] == 1
+        metrics = MetricCollection({name: instantiate(spec) for name, spec in task["metrics"].items()})
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.test_unpruned_metrics = metrics.clone(prefix="test/unpruned_")
+        self.val_stats = PruningStats(self.dims)
+        self.test_stats = PruningStats(self.dims)
+
+    # ----------------------------------------------------------------- forward and loss
+    def forward(self, batch: Mapping[str, Tensor], pruner: TokenPruner | None = None, **engine: Any) -> tuple[Tensor, EncoderOutput]:
+        """Logits and the engine output for a tokenized batch, pruned by `pruner`."""
+        out = self.encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner, **engine)
+        return self.adapter.classify(out.hidden), out
+
+    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+        return F.cross_entropy(logits, labels)
+
+    def predictions(self, logits: Tensor) -> Tensor:
+        return logits.squeeze(-1) if self.regression else logits.argmax(dim=-1)
+
+    # ----------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: Mapping[str, Tensor], metrics: MetricCollection, stats: PruningStats) -> Tensor:
+        logits, out = self(batch, pruner=self.pruner)
+        metrics.update(self.predictions(logits), batch["labels"])
+        stats.update(out.trace, batch["attention_mask"].sum(dim=1))
+        return self.task_loss(logits, batch["labels"])
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        loss = self._evaluate(batch, self.val_metrics, self.val_stats)
+        self.log("val/loss", loss, batch_size=batch["labels"].shape[0])
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        loss = self._evaluate(batch, self.test_metrics, self.test_stats)
+        self.log("test/loss", loss, batch_size=batch["labels"].shape[0])
+        if self.pruner is not None and self.hparams.compare_unpruned:
+            logits, _ = self(batch)
+            self.test_unpruned_metrics.update(self.predictions(logits), batch["labels"])
+
+    def _log_epoch(self, stage: str, metrics: MetricCollection, stats: PruningStats, *extra: MetricCollection) -> None:
+        values = {**metrics.compute(), **{f"{stage}/{k}": v for k, v in stats.compute().items()}}
+        for collection in extra:
+            if any(metric.update_called for metric in collection.values()):
+                values.update(collection.compute())
+                collection.reset()
+        self.log_dict({k: v.float() for k, v in values.items()})
+        metrics.reset()
+        stats.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val", self.val_metrics, self.val_stats)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_metrics, self.test_stats, self.test_unpruned_metrics)
+
+    # ----------------------------------------------------------------- optimization
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices, none on biases/LayerNorms. Methods add groups."""
+        decay, no_decay = [], []
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                (no_decay if parameter.ndim < 2 else decay).append(parameter)
+        return [
+            {"params": decay, "weight_decay": self.hparams.optim.get("weight_decay", 0.0)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.hparams.optim
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=optim["lr"])
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = get_linear_schedule_with_warmup(optimizer, int(optim.get("warmup_ratio", 0.0) * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert_same_backbone(checkpoint.get("hyper_parameters", {}), self.hparams.backbone)

@@ -1,0 +1,92 @@
+"""LightningDataModule for sequence classification/regression tasks with dynamic padding."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+from lightning_modules.data.sources import SPLITS
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Tokenizes a task source (train / search / report) and serves padded batches.
+
+    Validation runs on `search`, test on `report`. Evaluation batches are sorted by length so
+    that padding, and with it wasted work, stays small (per-example pruning keeps its speedup).
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], DatasetDict],
+        tokenizer: str,
+        text_columns: Sequence[str],
+        max_length: int,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        label_column: str = "label",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
+        if not 1 <= len(text_columns) <= 2:
+            raise ValueError(f"task.text_columns={list(text_columns)} must name one column or a pair")
+        self.source = source
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.text_columns = list(text_columns)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.label_column = label_column
+        self.splits: DatasetDict | None = None
+        self.collate = DataCollatorWithPadding(self.tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        raw = self.source()
+        missing = [name for name in SPLITS if name not in raw]
+        if missing:
+            raise ValueError(f"task source returned splits {list(raw)}; missing {missing}")
+        self.splits = DatasetDict({name: self._tokenize(raw[name], sort=name != "train") for name in SPLITS})
+
+    def _tokenize(self, split, sort: bool):
+        columns = self.text_columns
+
+        def encode(batch: dict) -> dict:
+            texts = [[text or "" for text in batch[column]] for column in columns]
+            encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+            encoded["labels"] = batch[self.label_column]
+            encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+            return encoded
+
+        encoded = split.map(encode, batched=True, remove_columns=split.column_names, desc="tokenizing")
+        if sort:
+            encoded = encoded.sort("length", reverse=True)
+        encoded.set_format("torch", columns=[name for name in MODEL_INPUTS if name in encoded.column_names])
+        return encoded
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        assert self.splits is not None, "call setup() first"
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("search", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("report", self.eval_batch_size, shuffle=False)

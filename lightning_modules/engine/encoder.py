@@ -1,0 +1,166 @@
+"""The prunable encoder: one layer loop shared by every pruning method (DESIGN.md s.3).
+
+The loop reuses the HF modules through an adapter and owns only the attention arithmetic, so
+that it can (a) expose attention probabilities to a pruner in the layers that prune, (b) compute
+the attention-times-V product, output projection and FFN for the kept rows only, and (c) slice
+attention heads. Layers that do not prune use fused scaled-dot-product attention.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_modules.engine.adapters import EncoderAdapter, LayerParts
+from lightning_modules.engine.scoring import score_vector
+from lightning_modules.engine.state import EncoderOutput, LayerTrace, TokenState
+from lightning_modules.pruners.base import TokenPruner
+
+
+def _project(linear: torch.nn.Linear, x: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
+    """Q/K/V projection of x (B, n, d) to (B, h, n, d_h), computing only the rows of `heads`."""
+    weight, bias = linear.weight, linear.bias
+    if heads is not None:
+        weight = weight.view(-1, head_dim, weight.shape[-1])[heads].flatten(0, 1)
+        bias = bias.view(-1, head_dim)[heads].flatten() if bias is not None else None
+    out = F.linear(x, weight, bias)
+    return out.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+def _out_project(linear: torch.nn.Linear, context: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
+    """Output projection of context (B, h, m, d_h) to (B, m, d), using the columns of `heads`."""
+    weight = linear.weight
+    if heads is not None:
+        weight = weight.view(weight.shape[0], -1, head_dim)[:, heads].flatten(1, 2)
+    return F.linear(context.transpose(1, 2).flatten(2), weight, linear.bias)
+
+
+def _rows(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
+    """Gather slots `index` (B, m) along `dim` of a (B, ...) tensor, broadcasting other dims."""
+    shape = [1] * tensor.dim()
+    shape[0], shape[dim] = index.shape
+    view = index.view(shape) if dim == 1 else index[:, None, :, None]
+    expand = list(tensor.shape)
+    expand[dim] = index.shape[1]
+    return tensor.gather(dim, view.expand(expand))
+
+
+class PrunableEncoder:
+    """Runs a HF encoder layer by layer, letting a TokenPruner remove tokens.
+
+    Not an nn.Module: the parameters belong to the HF model the adapter wraps.
+    """
+
+    def __init__(self, adapter: EncoderAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None = None,
+        pruner: TokenPruner | None = None,
+        heads: Sequence[Tensor | None] | None = None,
+        skip_layers: Collection[int] = (),
+        restore: bool = False,
+    ) -> EncoderOutput:
+        """Encode a batch.
+
+        heads: per layer, the indices of the attention heads to keep (None = all).
+        skip_layers: layers bypassed entirely (LayerDrop).
+        restore: return a full-length sequence where every dropped token keeps the hidden
+            state it had when it was dropped, at its original position (Drop-and-Restore).
+        """
+        adapter = self.adapter
+        state = TokenState.start(adapter.embed(input_ids, token_type_ids), attention_mask)
+        full = state.hidden.new_zeros(state.hidden.shape[0], state.hidden.shape[1] + 1, state.hidden.shape[2])
+        trace: list[LayerTrace] = []
+        for index in range(adapter.num_layers):
+            if index in skip_layers:
+                lengths = state.lengths
+                trace.append(LayerTrace(lengths, lengths * 0, lengths, heads=0, skipped=True))
+                continue
+            layer_heads = heads[index] if heads is not None else None
+            prune = pruner is not None and pruner.prunes_at(index)
+            if restore and prune:
+                full = self._write_back(full, state)
+            state, layer_trace = self._layer(index, adapter.layer(index), state, pruner if prune else None, layer_heads)
+            trace.append(layer_trace)
+        if restore:
+            full = self._write_back(full, state)[:, :-1]
+            return EncoderOutput(full, attention_mask.bool(), TokenState.start(full, attention_mask).positions, trace)
+        return EncoderOutput(state.hidden, state.mask, state.positions, trace)
+
+    @staticmethod
+    def _write_back(full: Tensor, state: TokenState) -> Tensor:
+        """Scatter the real tokens of `state` to their original positions; the rest to a spare slot."""
+        spare = full.shape[1] - 1
+        destination = state.positions.masked_fill(~state.mask, spare)
+        return full.scatter(1, destination[..., None].expand_as(state.hidden), state.hidden)
+
+    def _layer(
+        self,
+        index: int,
+        parts: LayerParts,
+        state: TokenState,
+        pruner: TokenPruner | None,
+        heads: Tensor | None,
+    ) -> tuple[TokenState, LayerTrace]:
+        head_dim = self.adapter.head_dim
+        x = state.hidden
+        n_heads = heads.numel() if heads is not None else self.adapter.num_heads
+        training = parts.query.training
+        dropout = parts.attention_dropout if training else 0.0
+        query = _project(parts.query, x, heads, head_dim)
+        key = _project(parts.key, x, heads, head_dim)
+        value = _project(parts.value, x, heads, head_dim)
+        additive = state.additive_mask(x.dtype)
+        n_in = state.lengths
+
+        if pruner is None:
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=additive, dropout_p=dropout)
+            hidden = self._finish(parts, context, x, heads)
+            return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
+
+        probs = scores = None
+        if pruner.needs_scores:
+            logits = torch.matmul(query, key.transpose(-1, -2)) * head_dim**-0.5 + additive
+            probs = torch.softmax(logits, dim=-1)
+            scores = score_vector(probs, state.mask)
+        decision = pruner.select(index, scores, state)
+
+        if decision.dtype != torch.bool:  # soft weights: full computation, output scaled
+            context = self._context(probs, query, key, value, additive, dropout, training)
+            hidden = self._finish(parts, context, x, heads) * decision[..., None]
+            trace = LayerTrace(n_in, n_in, n_in, n_heads, soft_mask=decision, scores=scores, score_mask=state.mask)
+            return state.with_hidden(hidden), trace
+
+        slots, new_mask = state.gather_index(decision)
+        kept_probs = _rows(probs, slots, dim=2) if probs is not None else None
+        context = self._context(kept_probs, _rows(query, slots, dim=2), key, value, additive, dropout, training)
+        hidden = self._finish(parts, context, _rows(x, slots, dim=1), heads)
+        n_out = new_mask.sum(dim=1)
+        trace = LayerTrace(n_in, n_in if probs is not None else n_out, n_out, n_heads, scores=scores, score_mask=state.mask)
+        return state.select(slots, new_mask, hidden), trace
+
+    @staticmethod
+    def _context(
+        probs: Tensor | None,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        additive: Tensor,
+        dropout: float,
+        training: bool,
+    ) -> Tensor:
+        """Attention context: from given probabilities, or fused attention of `query` over all keys."""
+        if probs is None:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=additive, dropout_p=dropout)
+        return torch.matmul(F.dropout(probs, p=dropout, training=training), value)
+
+    def _finish(self, parts: LayerParts, context: Tensor, residual: Tensor, heads: Tensor | None) -> Tensor:
+        """Output projection, residual + LayerNorm, then the FFN block, for the given rows."""
+        projected = _out_project(parts.out_proj, context, heads, self.adapter.head_dim)
+        return parts.feed_forward(parts.add_and_norm(projected, residual))

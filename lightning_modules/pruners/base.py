@@ -1,0 +1,37 @@
+"""The pruner interface the engine calls once per layer."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_modules.engine.state import TokenState
+
+
+class TokenPruner(nn.Module):
+    """Decides which tokens leave the encoder after each layer's attention.
+
+    The engine asks `prunes_at(layer)` first; layers that do not prune run the fast fused
+    (sdpa) attention. In a pruning layer the engine computes the score vector (if
+    `needs_scores`) and calls `select`, which returns either
+      * a bool keep mask (B, n): the engine physically removes the other tokens, or
+      * float soft weights (B, n) in [0, 1]: the layer output is multiplied by them (no removal).
+    """
+
+    needs_scores: bool = True
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+
+    def prunes_at(self, layer: int) -> bool:
+        raise NotImplementedError
+
+    def select(self, layer: int, scores: Tensor | None, state: TokenState) -> Tensor:
+        raise NotImplementedError
+
+
+def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    """Raise a ValueError naming the setting when `value` is outside [low, high] (or (low, high])."""
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name}={value} is outside the allowed range {bracket}{low}, {high}]")

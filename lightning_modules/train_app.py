@@ -1,0 +1,108 @@
+"""`tokenprune-train`: fine-tune with a pruning method, evaluate on the report split, log.
+
+    tokenprune-train                                   # MiniLM-L6 x rt_sentiment, no pruning
+    tokenprune-train pruner=topk pruner.keep_ratio=0.4 task=trec6
+    tokenprune-train -m pruner=none,topk               # Hydra multirun
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.backbones import assert_same_backbone, load_config, usable_positions
+from lightning_modules.callbacks import EpochSeed
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(ckpt_path: str | None, run_dir: Path, runs_root: Path) -> str | None:
+    """`last` -> the newest last.ckpt of an earlier run of the same run_name (not this run's)."""
+    if ckpt_path != "last":
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+        return ckpt_path
+    candidates = [p for p in runs_root.glob("*/checkpoints/last.ckpt") if run_dir not in p.parents]
+    if not candidates:
+        raise FileNotFoundError(f"ckpt_path=last but no earlier run left a last.ckpt under {runs_root}")
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail on bad settings before any data is loaded or any training starts."""
+    config = load_config(cfg.backbone, int(cfg.task.num_labels))
+    limit = usable_positions(config)
+    if not 1 < cfg.task.max_length <= limit:
+        raise ValueError(
+            f"task.max_length={cfg.task.max_length} is outside (1, {limit}]: backbone={cfg.backbone.name} "
+            f"has {limit} usable positions"
+        )
+    if cfg.trainer.max_epochs is not None and cfg.trainer.max_epochs < 1:
+        raise ValueError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Refuse to write into a folder that already holds checkpoints or results."""
+    for existing in ("checkpoints", "results.json"):
+        if (run_dir / existing).exists():
+            raise FileExistsError(f"{run_dir / existing} exists; refusing to overwrite an earlier run's outputs")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build everything from `cfg`, fit, test on the report split, write results.json."""
+    validate(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    prepare_run_dir(run_dir)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, run_dir.parent)
+    if ckpt_path is not None:
+        assert_same_backbone(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {}), cfg.backbone)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(cfg.seed, workers=True)
+
+    module = instantiate(cfg.module)
+    datamodule = instantiate(cfg.data)
+    loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    checkpoint = instantiate(cfg.checkpoint)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint, EpochSeed(cfg.seed)])
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    best = checkpoint.best_model_path or None
+    report = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    results = {"run_name": cfg.run_name, "run_dir": str(run_dir), "best_checkpoint": best, "resumed_from": ckpt_path,
+               "report": {k: float(v) for k, v in sorted(report.items())}}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    summarize(cfg, results["report"])
+    for logger in loggers:
+        logger.finalize("success")
+    return results
+
+
+def summarize(cfg: DictConfig, report: dict[str, float]) -> None:
+    main = f"test/{cfg.task.main_metric}"
+    kept = [report[k] for k in sorted(report) if k.startswith("test/kept_tokens/layer_")]
+    log.info(
+        "report split: %s=%.4f  relative FLOPs=%.3f (%.3f GFLOPs/example)  mean kept tokens per layer=%s",
+        main, report.get(main, float("nan")), report["test/flops_ratio"], report["test/gflops"],
+        [round(k, 1) for k in kept],
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    results = train(cfg)
+    return results["report"][f"test/{cfg.task.main_metric}"]
+
+
+if __name__ == "__main__":
+    main()
