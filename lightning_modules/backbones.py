@@ -1,7 +1,7 @@
 """Build a HF model + engine adapter + tokenizer path from a `conf/backbone/*.yaml` spec.
 
 A spec has `name`, `pretrained` (a hub id / local folder, or a `_target_` node returning one,
-or null for random weights), `tokenizer` (same forms; null = `pretrained`), `config` (overrides,
+or null for random weights), `tokenizer` (same forms), `config` (overrides,
 or the full config when `pretrained` is null) and `adapter` (a `_target_` node, `_partial_`).
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ def resolve_location(value: Any) -> str | None:
 
 
 def tokenizer_location(spec: Mapping[str, Any]) -> str:
-    location = resolve_location(spec.get("tokenizer")) or resolve_location(spec.get("pretrained"))
+    location = resolve_location(spec.get("tokenizer"))
     if location is None:
-        raise ValueError(f"backbone '{spec.get('name')}' needs `tokenizer` when `pretrained` is null")
+        raise ValueError(f"backbone.tokenizer is missing for backbone={spec.get('name')}")
     return location
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchmetrics import MetricCollection
@@ -56,6 +56,7 @@ class TokenPruningModule(L.LightningModule):
         self.save_hyperparameters({"backbone": backbone, "task": task, "pruner": pruner, "optim": optim,
                                    "compare_unpruned": compare_unpruned})
         self.model, self.adapter = load_backbone(backbone, task["num_labels"], token_level=task.get("token_level", False))
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.encoder = PrunableEncoder(self.adapter)
         self.dims = EncoderDims.of(self.adapter)
         self.pruner: TokenPruner | None = (
@@ -137,5 +138,16 @@ class TokenPruningModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         assert_same_backbone(checkpoint.get("hyper_parameters", {}), self.hparams.backbone)
+
+
+def load_module(path: str, map_location: str = "cpu") -> TokenPruningModule:
+    """Rebuild whichever method module wrote the checkpoint at `path`."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    if "module_class" not in checkpoint:
+        raise ValueError(f"{path} is not a tokenprune checkpoint (no module_class entry)")
+    return get_class(checkpoint["module_class"]).load_from_checkpoint(path, map_location=map_location)

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.backbones import assert_same_backbone, load_config, usable_positions
-from lightning_modules.callbacks import EpochSeed
+from lightning_modules.callbacks import StepSeed
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,19 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path, runs_root: Path) ->
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
+@contextmanager
+def plain_errors() -> Iterator[None]:
+    """Re-raise the error a `_target_` raised instead of Hydra's nested InstantiationException,
+    so a bad setting reads as e.g. `pruner.keep_ratio=1.5 is outside the allowed range (0.0, 1.0]`."""
+    try:
+        yield
+    except InstantiationException as error:
+        cause: BaseException = error
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise cause from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail on bad settings before any data is loaded or any training starts."""
     config = load_config(cfg.backbone, int(cfg.task.num_labels))
@@ -44,6 +60,8 @@ def validate(cfg: DictConfig) -> None:
             f"task.max_length={cfg.task.max_length} is outside (1, {limit}]: backbone={cfg.backbone.name} "
             f"has {limit} usable positions"
         )
+    if cfg.report_on not in ("last", "best"):
+        raise ValueError(f"report_on={cfg.report_on} is not one of: last, best")
     if cfg.trainer.max_epochs is not None and cfg.trainer.max_epochs < 1:
         raise ValueError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
 
@@ -55,7 +73,7 @@ def prepare_run_dir(run_dir: Path) -> None:
             raise FileExistsError(f"{run_dir / existing} exists; refusing to overwrite an earlier run's outputs")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Build everything from `cfg`, fit, test on the report split, write results.json."""
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
@@ -67,18 +85,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)
 
-    module = instantiate(cfg.module)
-    datamodule = instantiate(cfg.data)
-    loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
+    with plain_errors():
+        module = instantiate(cfg.module)
+        datamodule = instantiate(cfg.data)
+        loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    checkpoint = instantiate(cfg.checkpoint)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint, EpochSeed(cfg.seed)])
+    checkpoints = {name: instantiate(node) for name, node in cfg.checkpoints.items()}
+    callbacks = [*checkpoints.values(), StepSeed(cfg.seed), *(extra_callbacks or [])]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    best = checkpoint.best_model_path or None
-    report = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    results = {"run_name": cfg.run_name, "run_dir": str(run_dir), "best_checkpoint": best, "resumed_from": ckpt_path,
+    best = checkpoints["best"].best_model_path or None
+    report = trainer.test(module, datamodule=datamodule, ckpt_path=best if cfg.report_on == "best" else None, verbose=False)[0]
+    results = {"run_name": cfg.run_name, "run_dir": str(run_dir), "best_checkpoint": best,
+               "last_checkpoint": checkpoints["last"].best_model_path or None, "reported_on": cfg.report_on,
+               "resumed_from": ckpt_path,
                "report": {k: float(v) for k, v in sorted(report.items())}}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     summarize(cfg, results["report"])

@@ -4,10 +4,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import lightning as L
-from datasets import DatasetDict
-from torch.utils.data import DataLoader
+from datasets import Dataset, DatasetDict
+from torch.utils.data import BatchSampler, DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
+from lightning_modules.data.sampler import BucketShuffleSampler
 from lightning_modules.data.sources import SPLITS
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -16,8 +17,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 class TaskDataModule(L.LightningDataModule):
     """Tokenizes a task source (train / search / report) and serves padded batches.
 
-    Validation runs on `search`, test on `report`. Evaluation batches are sorted by length so
-    that padding, and with it wasted work, stays small (per-example pruning keeps its speedup).
+    Validation runs on `search`, test on `report`. Training batches are length-bucketed and
+    shuffled per epoch from `seed`; evaluation batches are sorted by length. Both keep padding,
+    and with it wasted work, small (per-example pruning keeps its speedup).
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class TaskDataModule(L.LightningDataModule):
         eval_batch_size: int = 128,
         num_workers: int = 0,
         label_column: str = "label",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -44,7 +47,9 @@ class TaskDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.label_column = label_column
+        self.seed = seed
         self.splits: DatasetDict | None = None
+        self.lengths: dict[str, list[int]] = {}
         self.collate = DataCollatorWithPadding(self.tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
@@ -54,9 +59,10 @@ class TaskDataModule(L.LightningDataModule):
         missing = [name for name in SPLITS if name not in raw]
         if missing:
             raise ValueError(f"task source returned splits {list(raw)}; missing {missing}")
-        self.splits = DatasetDict({name: self._tokenize(raw[name], sort=name != "train") for name in SPLITS})
+        self.splits = DatasetDict({name: self._tokenize(raw[name], name) for name in SPLITS})
 
-    def _tokenize(self, split, sort: bool):
+    def _tokenize(self, split: Dataset, name: str) -> Dataset:
+        """Tokenize without padding; evaluation splits are sorted longest first."""
         columns = self.text_columns
 
         def encode(batch: dict) -> dict:
@@ -67,26 +73,26 @@ class TaskDataModule(L.LightningDataModule):
             return encoded
 
         encoded = split.map(encode, batched=True, remove_columns=split.column_names, desc="tokenizing")
-        if sort:
+        if name != "train":
             encoded = encoded.sort("length", reverse=True)
+        self.lengths[name] = list(encoded["length"])
         encoded.set_format("torch", columns=[name for name in MODEL_INPUTS if name in encoded.column_names])
         return encoded
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
         assert self.splits is not None, "call setup() first"
-        return DataLoader(
-            self.splits[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        assert self.splits is not None, "call setup() first"
+        train = self.splits["train"]
+        order = BucketShuffleSampler(self.lengths["train"], self.batch_size, seed=self.seed)
+        batches = BatchSampler(order, self.batch_size, drop_last=False)
+        return DataLoader(train, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("search", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("search")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("report", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("report")

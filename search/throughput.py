@@ -1,0 +1,71 @@
+"""Throughput harness (DESIGN.md s.8): sequences/s after warm-up, median of interleaved repeats,
+same batch for every variant, one process, fixed threads."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+
+def packed_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int, length: int) -> dict[str, Tensor]:
+    """A (batch_size, length) batch of real text with no padding: [CLS] text... [SEP] per row.
+
+    Texts are concatenated and cut into rows, so every position is a real token and FLOPs on
+    real lengths equal FLOPs on tensor lengths.
+    """
+    body = length - 2
+    needed = batch_size * body
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(stream) >= needed:
+            break
+    if not stream:
+        raise ValueError("no text to build a benchmark batch from")
+    while len(stream) < needed:
+        stream = stream + stream
+    rows = torch.tensor(stream[:needed]).view(batch_size, body)
+    cls = torch.full((batch_size, 1), tokenizer.cls_token_id)
+    sep = torch.full((batch_size, 1), tokenizer.sep_token_id)
+    input_ids = torch.cat([cls, rows, sep], dim=1)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure(
+    variants: Mapping[str, Callable[[], object]],
+    batch_size: int,
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[str, dict[str, float]]:
+    """Time each zero-argument forward `variants[name]`; repeats are interleaved across variants
+    so that machine noise hits all of them alike. Returns median seconds and sequences/s."""
+    for run in variants.values():
+        for _ in range(warmup):
+            run()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "median_s": statistics.median(samples),
+            "seq_per_s": batch_size / statistics.median(samples),
+            "spread": (max(samples) - min(samples)) / statistics.median(samples),
+        }
+        for name, samples in times.items()
+    }

@@ -1,0 +1,29 @@
+"""Helpers for tests that compose the real Hydra configs in-process."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+# Small and fast: tiny random-weight backbone on the offline default task, few batches.
+FAST = [
+    "backbone=tiny",
+    "logger=csv",
+    "data.batch_size=16",
+    "+trainer.limit_train_batches=6",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+]
+
+
+def compose_app(config: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose `conf/<config>.yaml` as the CLI would, writing into `output_dir`."""
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        cfg = compose(config, overrides=[*overrides, f"paths.root={output_dir.parent}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]  # as in a real run: the app sees the hydra node only through HydraConfig
+    return cfg

