@@ -89,7 +89,8 @@ def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
     for node in (cfg.logger or {}).values():
         logger = instantiate(node)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_table("bench", dataframe=table.astype({"kept_tokens": str}))
+        if hasattr(logger, "log_table"):  # W&B: the whole table; other loggers get the scalars
+            logger.log_table("bench", dataframe=table.astype({"kept_tokens": str}))
         pruned = table[table.variant == "engine_pruned"]
         logger.log_metrics({"bench/min_speedup_over_flops_speedup": float(pruned.speedup_over_flops_speedup.min())})
         logger.finalize("success")

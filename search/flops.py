@@ -6,6 +6,7 @@ d_ff, the multiply-accumulates are
 
     QKV 3*n_in*d*h*d_h + logits h*n_q*n_in*d_h + context h*n_out*n_in*d_h
     + out-proj n_out*h*d_h*d + FFN 2*n_out*d*d_ff
+    (+ score vector h*n_q*n_in in layers that compute it: one MAC per attention probability)
 
 and FLOPs = 2 * MACs, on real (unpadded) lengths. Embeddings, pooler and classifier are not
 counted (they do not depend on pruning). The papers' convention (PoWER-BERT, LTP) is
@@ -38,13 +39,15 @@ class EncoderDims:
         return cls(adapter.num_layers, adapter.num_heads, adapter.hidden_size, adapter.head_dim, adapter.intermediate_size)
 
 
-def layer_macs(dims: EncoderDims, n_in: Tensor, n_query: Tensor, n_out: Tensor, heads: int) -> Tensor:
+def layer_macs(
+    dims: EncoderDims, n_in: Tensor, n_query: Tensor, n_out: Tensor, heads: int, scored: bool = False
+) -> Tensor:
     """MACs of one layer per example (DESIGN.md s.4), all arguments per example except heads."""
     n_in, n_query, n_out = (t.to(torch.float64) for t in (n_in, n_query, n_out))
     width = heads * dims.head_dim
     return (
         3 * n_in * dims.hidden * width
-        + n_query * n_in * width
+        + n_query * n_in * (width + (heads if scored else 0))
         + n_out * n_in * width
         + n_out * width * dims.hidden
         + 2 * n_out * dims.hidden * dims.ffn
@@ -56,7 +59,7 @@ def encoder_macs(dims: EncoderDims, trace: Sequence[LayerTrace]) -> Tensor:
     total = torch.zeros_like(trace[0].n_in, dtype=torch.float64)
     for layer in trace:
         if not layer.skipped:
-            total = total + layer_macs(dims, layer.n_in, layer.n_query, layer.n_out, layer.heads)
+            total = total + layer_macs(dims, layer.n_in, layer.n_query, layer.n_out, layer.heads, layer.scored)
     return total
 
 

@@ -113,3 +113,11 @@ def test_cli_multirun_over_pruners(tmp_path, launcher):
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted(tmp_path.glob("multirun/*/*/results.json"))
     assert [json.loads(r.read_text())["run_name"] for r in results] == ["tiny-rt_sentiment-none-s42", "tiny-rt_sentiment-topk-s42"]
+
+
+def test_wandb_logger_runs_offline_and_keeps_the_run_files(tmp_path):
+    overrides = [o for o in FAST if o != "logger=csv"] + ["logger=wandb", "pruner=spatten"]
+    results = train(compose_app("train", overrides, tmp_path / "wandb_run"))
+    runs = list((tmp_path / "wandb_run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert results["report"]["test/flops_ratio"] < 1.0

