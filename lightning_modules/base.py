@@ -3,6 +3,7 @@ with FLOPs and kept-token statistics, optimizer and schedule, checkpoint checks.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -49,12 +50,15 @@ class TokenPruningModule(L.LightningModule):
         pruner: Mapping[str, Any] | None,
         optim: Mapping[str, float],
         compare_unpruned: bool = True,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         backbone, task, pruner, optim = plain(backbone), plain(task), plain(pruner), plain(optim)
         check_optim(optim)
+        if init_from is not None and not Path(init_from).is_file():
+            raise FileNotFoundError(f"module.init_from={init_from} does not exist")
         self.save_hyperparameters({"backbone": backbone, "task": task, "pruner": pruner, "optim": optim,
-                                   "compare_unpruned": compare_unpruned})
+                                   "compare_unpruned": compare_unpruned, "init_from": init_from})
         self.model, self.adapter = load_backbone(backbone, task["num_labels"], token_level=task.get("token_level", False))
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.encoder = PrunableEncoder(self.adapter)
@@ -69,6 +73,21 @@ class TokenPruningModule(L.LightningModule):
         self.test_unpruned_metrics = metrics.clone(prefix="test/unpruned_")
         self.val_stats = PruningStats(self.dims)
         self.test_stats = PruningStats(self.dims)
+
+    def setup(self, stage: str) -> None:
+        """Before fitting: start from `init_from` (model weights, and the pruner's if it has any)."""
+        if stage == "fit" and self.hparams.init_from:
+            self.load_weights(self.hparams.init_from)
+
+    def load_weights(self, path: str) -> None:
+        """Load `model.*` (strict) and `pruner.*` (when both sides have them) from a checkpoint."""
+        checkpoint = read_checkpoint(path)
+        assert_same_backbone(checkpoint.get("hyper_parameters", {}), self.hparams.backbone)
+        state = checkpoint["state_dict"]
+        self.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+        pruner_state = {k[len("pruner."):]: v for k, v in state.items() if k.startswith("pruner.")}
+        if self.pruner is not None and pruner_state:
+            self.pruner.load_state_dict(pruner_state)
 
     # ----------------------------------------------------------------- forward and loss
     def forward(self, batch: Mapping[str, Tensor], pruner: TokenPruner | None = None, **engine: Any) -> tuple[Tensor, EncoderOutput]:
@@ -145,9 +164,17 @@ class TokenPruningModule(L.LightningModule):
         assert_same_backbone(checkpoint.get("hyper_parameters", {}), self.hparams.backbone)
 
 
-def load_module(path: str, map_location: str = "cpu") -> TokenPruningModule:
-    """Rebuild whichever method module wrote the checkpoint at `path`."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A tokenprune checkpoint as a dict (on CPU), refusing files other tools wrote."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if "module_class" not in checkpoint:
         raise ValueError(f"{path} is not a tokenprune checkpoint (no module_class entry)")
-    return get_class(checkpoint["module_class"]).load_from_checkpoint(path, map_location=map_location)
+    return checkpoint
+
+
+def load_module(path: str, map_location: str = "cpu") -> TokenPruningModule:
+    """Rebuild whichever method module wrote the checkpoint at `path` (with its weights)."""
+    module_class = get_class(read_checkpoint(path)["module_class"])
+    return module_class.load_from_checkpoint(path, map_location=map_location, init_from=None)

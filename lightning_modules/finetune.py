@@ -24,8 +24,9 @@ class FineTuneModule(TokenPruningModule):
         optim: Mapping[str, float],
         compare_unpruned: bool = True,
         train_pruned: bool = False,
+        init_from: str | None = None,
     ) -> None:
-        super().__init__(backbone, task, pruner, optim, compare_unpruned)
+        super().__init__(backbone, task, pruner, optim, compare_unpruned, init_from)
         self.save_hyperparameters({"train_pruned": train_pruned})
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:

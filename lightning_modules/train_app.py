@@ -18,9 +18,13 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules.backbones import assert_same_backbone, load_config, usable_positions
+from lightning_modules.base import read_checkpoint
 from lightning_modules.callbacks import StepSeed
 
 log = logging.getLogger(__name__)
@@ -80,7 +84,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     prepare_run_dir(run_dir)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, run_dir.parent)
     if ckpt_path is not None:
-        assert_same_backbone(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {}), cfg.backbone)
+        assert_same_backbone(read_checkpoint(ckpt_path).get("hyper_parameters", {}), cfg.backbone)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)
@@ -119,10 +123,46 @@ def summarize(cfg: DictConfig, report: dict[str, float]) -> None:
     )
 
 
+def compose_stage(overrides: list[str]) -> DictConfig:
+    """The train config for `overrides` (the command's own overrides plus a stage's)."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any]:
+    """Run `cfg.stages` back to back: each stage = this command + the stage's overrides, starting
+    from the previous stage's last checkpoint, writing into <run_dir>/<stage name>/."""
+    if cfg.ckpt_path is not None:
+        raise ValueError("ckpt_path cannot be combined with stages; rerun the unfinished stage alone "
+                         "with module.init_from=<previous stage's last.ckpt>")
+    run_dir = Path(cfg.paths.output_dir)
+    prepare_run_dir(run_dir)
+    init_from = cfg.module.get("init_from")
+    stages: dict[str, Any] = {}
+    for stage in cfg.stages:
+        stage_cfg = compose_stage([*command_overrides, *stage.overrides])
+        with open_dict(stage_cfg):
+            stage_cfg.pop("stages")
+            stage_cfg.paths.output_dir = str(run_dir / stage.name)
+            stage_cfg.module.init_from = init_from
+        log.info("stage %s: %s", stage.name, " ".join(stage.overrides))
+        stages[stage.name] = train(stage_cfg)
+        init_from = stages[stage.name]["last_checkpoint"]
+    final = stages[cfg.stages[-1].name]
+    results = {**final, "run_dir": str(run_dir), "stages": stages}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    results = train(cfg)
+    if cfg.get("stages"):
+        results = train_stages(cfg, list(HydraConfig.get().overrides.task))
+    else:
+        results = train(cfg)
     return results["report"][f"test/{cfg.task.main_metric}"]
 
 

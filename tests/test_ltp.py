@@ -1,0 +1,104 @@
+"""Learned Token Pruning: thresholds learn, hard mode removes tokens per example, stages chain."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from apps import FAST, compose_app
+from conftest import random_batch, tiny_model
+from lightning_modules.engine import PrunableEncoder
+from lightning_modules.pruners.ltp import LTPPruner
+from lightning_modules.train_app import train, train_stages
+
+
+def test_soft_mask_gradients_reach_the_thresholds():
+    _, adapter = tiny_model("bert")
+    pruner = LTPPruner(adapter.num_layers, final_threshold=0.05, temperature=1e-2, reference_length=24, soft=True)
+    ids, mask = random_batch()
+    out = PrunableEncoder(adapter)(ids, mask, pruner=pruner)
+    penalty = sum((t.soft_mask * t.score_mask).sum() for t in out.trace)
+    (adapter.classify(out.hidden).sum() + penalty).backward()
+    assert pruner.offset.grad is not None and (pruner.offset.grad != 0).all()
+    assert out.hidden.shape[1] == ids.shape[1], "the soft stage removes nothing"
+
+
+def test_soft_masks_ignore_padding_and_keep_cls():
+    _, adapter = tiny_model("bert")
+    pruner = LTPPruner(adapter.num_layers, final_threshold=0.5, reference_length=24, soft=True)
+    ids, mask = random_batch()
+    with torch.no_grad():
+        out = PrunableEncoder(adapter)(ids, mask, pruner=pruner)
+    for layer in out.trace:
+        assert (layer.soft_mask[~mask.bool()] == 0).all()
+        assert (layer.soft_mask[:, 0] == 1).all()
+
+
+def test_hard_mode_shortens_tensors_per_example():
+    _, adapter = tiny_model("bert")
+    pruner = LTPPruner(adapter.num_layers, final_threshold=0.125, reference_length=24)  # layer 1: 1/24 = mean score
+    ids, mask = random_batch(batch=4, length=24)
+    with torch.no_grad():
+        out = PrunableEncoder(adapter)(ids, mask, pruner=pruner)
+    kept = torch.stack([t.n_out for t in out.trace])
+    assert (kept[1] < mask.sum(dim=1)).all(), "every example lost tokens at layer 1"
+    fractions = (kept[1] / mask.sum(dim=1)).tolist()
+    assert len(set(fractions)) == 4, "each example keeps its own share of tokens (not a fixed ratio)"
+    assert out.hidden.shape[1] == int(kept[-1].max()) < ids.shape[1]
+    assert (kept[1:] <= kept[:-1]).all()
+
+
+def test_zero_thresholds_reproduce_unpruned_logits():
+    model, adapter = tiny_model("bert")
+    pruner = LTPPruner(adapter.num_layers, final_threshold=0.0, reference_length=24)
+    ids, mask = random_batch()
+    with torch.no_grad():
+        got = adapter.classify(PrunableEncoder(adapter)(ids, mask, pruner=pruner).hidden)
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_threshold_removing_everything_still_keeps_cls():
+    _, adapter = tiny_model("bert")
+    pruner = LTPPruner(adapter.num_layers, final_threshold=1.0, reference_length=24)
+    with torch.no_grad():
+        pruner.offset.fill_(1.0)
+        ids, mask = random_batch()
+        out = PrunableEncoder(adapter)(ids, mask, pruner=pruner)
+        logits = adapter.classify(out.hidden)
+    assert out.hidden.shape[1] == 1 and (out.positions[:, 0] == 0).all()
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pruner.temperature=0", "pruner.temperature=0"),
+        ("pruner.final_threshold=1.5", r"pruner.final_threshold=1.5 is outside the allowed range \[0.0, 1.0\]"),
+        ("module.mask_penalty=-0.1", "module.mask_penalty=-0.1 must be >= 0"),
+        ("module.stage=hard", "module.stage=hard needs module.init_from"),
+        ("module.stage=medium", "module.stage=medium is not one of: finetune, soft, hard"),
+    ],
+)
+def test_bad_ltp_settings_are_refused(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        train(compose_app("train", [*FAST, "pruner=ltp", "module=ltp", override], tmp_path / "bad"))
+    assert not list((tmp_path / "bad").rglob("*.ckpt"))
+
+
+def test_experiment_runs_finetune_soft_hard_back_to_back(tmp_path):
+    overrides = [*FAST, "experiment=ltp", "pruner.final_threshold=0.05", "module.threshold_lr=0.05"]
+    cfg = compose_app("train", overrides, tmp_path / "ltp")
+    results = train_stages(cfg, overrides)
+    stages = results["stages"]
+    assert list(stages) == ["finetune", "soft", "hard"]
+    soft_ckpt = torch.load(stages["soft"]["last_checkpoint"], weights_only=False)
+    hard_ckpt = torch.load(stages["hard"]["last_checkpoint"], weights_only=False)
+    assert hard_ckpt["hyper_parameters"]["init_from"] == stages["soft"]["last_checkpoint"]
+    assert soft_ckpt["hyper_parameters"]["init_from"] == stages["finetune"]["last_checkpoint"]
+    offset = "pruner.offset"
+    assert (soft_ckpt["state_dict"][offset] != 0).any(), "thresholds moved in the soft stage"
+    torch.testing.assert_close(hard_ckpt["state_dict"][offset], soft_ckpt["state_dict"][offset])
+    assert results["report"]["test/flops_ratio"] < 1.0
+    assert json.loads((tmp_path / "ltp" / "results.json").read_text())["stages"]["hard"]["report"] == results["report"]
