@@ -30,7 +30,7 @@ class LTPModule(TokenPruningModule):
         optim: Mapping[str, float],
         stage: str = "soft",
         mask_penalty: float = 0.1,
-        threshold_lr: float = 1e-2,
+        threshold_lr: float = 5e-5,
         init_from: str | None = None,
         compare_unpruned: bool = True,
     ) -> None:

@@ -81,6 +81,37 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
+    """Training-step time of a method's stages on the same real training batches (forward,
+    backward, AdamW step): e.g. LTP's soft stage vs plain fine-tuning (module=ltp)."""
+    torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    module = instantiate(cfg.module).train()
+    stages = list(cfg.train_stages)
+    data = instantiate(cfg.data)
+    data.setup()
+    batches = [b for _, b in zip(range(cfg.train_batches), data.train_dataloader())]
+    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=1e-5)
+
+    def step(stage: str, batch: dict) -> None:
+        module.hparams.stage = stage
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    rows = []
+    for index, batch in enumerate(batches):
+        timings = measure({stage: (lambda s=stage: step(s, batch)) for stage in stages}, 1, torch.device("cpu"),
+                          warmup=1 if index == 0 else 0, repeats=cfg.repeats, grad=True)
+        rows.extend({"batch": index, "tokens": int(batch["attention_mask"].sum()), "stage": stage,
+                     "step_s": timing["median_s"]} for stage, timing in timings.items())
+    table = pd.DataFrame(rows).groupby("stage", sort=False)["step_s"].sum().reset_index()
+    table["relative_to_first"] = table.step_s / table.step_s.iloc[0]
+    return table
+
+
 def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,19 +121,24 @@ def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
         logger = instantiate(node)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if hasattr(logger, "log_table"):  # W&B: the whole table; other loggers get the scalars
-            logger.log_table("bench", dataframe=table.astype({"kept_tokens": str}))
-        pruned = table[table.variant == "engine_pruned"]
-        logger.log_metrics({"bench/min_speedup_over_flops_speedup": float(pruned.speedup_over_flops_speedup.min())})
+            logger.log_table("bench", dataframe=table.astype(str))
+        if "variant" in table:
+            pruned = table[table.variant == "engine_pruned"]
+            logger.log_metrics({"bench/min_speedup_over_flops_speedup": float(pruned.speedup_over_flops_speedup.min())})
         logger.finalize("success")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    table = run_bench(cfg)
-    columns = ["device", "batch_size", "length", "variant", "seq_per_s", "speedup", "flops_speedup",
-               "speedup_over_flops_speedup", "spread"]
-    print(table[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if cfg.mode == "train":
+        table = run_training_bench(cfg)
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    else:
+        table = run_bench(cfg)
+        columns = ["device", "batch_size", "length", "variant", "seq_per_s", "speedup", "flops_speedup",
+                   "speedup_over_flops_speedup", "spread"]
+        print(table[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     write_outputs(table, cfg)
     log.info("written to %s", cfg.paths.output_dir)
 

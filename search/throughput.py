@@ -40,16 +40,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 def measure(
     variants: Mapping[str, Callable[[], object]],
     batch_size: int,
     device: torch.device,
     warmup: int = 3,
     repeats: int = 10,
+    grad: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Time each zero-argument forward `variants[name]`; repeats are interleaved across variants
-    so that machine noise hits all of them alike. Returns median seconds and sequences/s."""
+    """Time each zero-argument call `variants[name]` (inference mode unless `grad`); repeats are
+    interleaved across variants so that machine noise hits all of them alike. Returns median
+    seconds, sequences/s and the relative spread."""
+    with torch.inference_mode(not grad):
+        return _measure(variants, batch_size, device, warmup, repeats)
+
+
+def _measure(
+    variants: Mapping[str, Callable[[], object]], batch_size: int, device: torch.device, warmup: int, repeats: int
+) -> dict[str, dict[str, float]]:
     for run in variants.values():
         for _ in range(warmup):
             run()

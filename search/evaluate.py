@@ -1,0 +1,45 @@
+"""Score one pruning configuration of a trained model on a data split (physically pruned forwards)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lightning_modules.backbones import tokenizer_location
+from lightning_modules.base import TokenPruningModule
+from lightning_modules.data.datamodule import TaskDataModule
+from lightning_modules.metrics import PruningStats
+from lightning_modules.pruners.base import TokenPruner
+
+
+def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128) -> TaskDataModule:
+    """The task's data as the module was trained on it (task and tokenizer from its hparams)."""
+    task, backbone = module.hparams.task, module.hparams.backbone
+    datamodule = TaskDataModule(
+        source=instantiate(task["source"]),
+        tokenizer=tokenizer_location(backbone),
+        text_columns=task["text_columns"],
+        max_length=task["max_length"],
+        eval_batch_size=eval_batch_size,
+    )
+    datamodule.setup()
+    return datamodule
+
+
+@torch.inference_mode()
+def evaluate(module: TokenPruningModule, loader: DataLoader, pruner: TokenPruner | None, desc: str = "eval") -> dict[str, Any]:
+    """Task metrics, relative FLOPs and kept tokens of `module` pruned by `pruner` on `loader`."""
+    module.eval()
+    metrics = module.test_metrics.clone().to(module.device)
+    stats = PruningStats(module.dims).to(module.device)
+    for batch in tqdm(loader, desc=desc, leave=False):
+        batch = {k: v.to(module.device) for k, v in batch.items()}
+        logits, out = module(batch, pruner=pruner)
+        metrics.update(module.predictions(logits), batch["labels"])
+        stats.update(out.trace, batch["attention_mask"].sum(dim=1))
+    result = {k.removeprefix("test/"): float(v) for k, v in metrics.compute().items()}
+    result.update({k: float(v) for k, v in stats.compute().items()})
+    return result

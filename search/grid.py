@@ -1,0 +1,32 @@
+"""Grid search: one pruner setting swept over values on a trained model, no training.
+
+Used for the static baselines' curves (top-k keep ratio, manual threshold) and for the
+constant-ratio curve that the evolutionary search is compared against.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from lightning_modules.base import plain
+
+Scorer = Callable[[str, Mapping[str, Any]], dict[str, Any]]
+
+
+class GridSearch:
+    """Evaluate `pruner` (a `_target_` config) with `parameter` set to each of `values`."""
+
+    def __init__(self, pruner: Mapping[str, Any], parameter: str, values: Sequence[float]) -> None:
+        if parameter not in pruner:
+            raise ValueError(f"search.parameter={parameter} is not a setting of search.pruner; it has {sorted(pruner)}")
+        if not values:
+            raise ValueError("search.values is empty")
+        self.pruner = plain(pruner)
+        self.parameter = parameter
+        self.values = list(plain(values))
+
+    def run(self, score: Scorer) -> list[dict[str, Any]]:
+        return [
+            score(f"{self.parameter}={value}", {**self.pruner, self.parameter: value}) | {self.parameter: value}
+            for value in self.values
+        ]

@@ -1,0 +1,103 @@
+"""`tokenprune-search`: accuracy-vs-FLOPs search over pruning configurations of a trained model.
+
+    tokenprune-search checkpoint=outputs/train/.../checkpoints/last.ckpt search=keep_ratio_grid
+    tokenprune-search checkpoint=... search=threshold_grid 'search.values=[0.005,0.01,0.02]'
+
+Candidates are scored on the task's `search` split with physically pruned forwards; the Pareto
+front is then evaluated on the `report` split. Every evaluation is cached on disk under
+`<outputs>/search/<run_name>/cache-<digest>.jsonl` (digest of checkpoint + search config), so
+rerunning a killed search resumes without re-evaluating anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.base import load_module
+from search.evaluate import datamodule_for, evaluate
+from search.pareto import hypervolume, pareto_front, plot_fronts
+from search.store import CandidateStore
+
+log = logging.getLogger(__name__)
+
+
+def cache_path(cfg: DictConfig) -> Path:
+    """Stable per (checkpoint file, search config): a rerun of the same command finds it."""
+    checkpoint = Path(cfg.checkpoint).resolve()
+    stat = checkpoint.stat()
+    identity = json.dumps([str(checkpoint), stat.st_size, stat.st_mtime_ns,
+                           OmegaConf.to_container(cfg.search, resolve=True)], sort_keys=True)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return Path(cfg.paths.root) / "search" / cfg.run_name / f"cache-{digest}.jsonl"
+
+
+def run_search(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.checkpoint is None or not Path(cfg.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint={cfg.checkpoint} is not a file; tokenprune-search needs a trained checkpoint")
+    torch.set_num_threads(int(cfg.threads))
+    module = load_module(cfg.checkpoint).to(torch.device(cfg.device))
+    strategy = instantiate(cfg.search, _convert_="all")
+    data = datamodule_for(module, cfg.eval_batch_size)
+    store = CandidateStore(cache_path(cfg))
+    main = module.hparams.task["main_metric"]
+
+    def score(key: str, pruner_cfg: dict[str, Any], split: str = "search") -> dict[str, Any]:
+        cache_key = f"{split}:{key}"
+        if cache_key in store:
+            return store.get(cache_key)
+        pruner = instantiate(pruner_cfg, num_layers=module.adapter.num_layers) if pruner_cfg.get("_target_") else None
+        loader = data.val_dataloader() if split == "search" else data.test_dataloader()
+        result = evaluate(module, loader, pruner, desc=f"{split} {key}")
+        return store.add(cache_key, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg})
+
+    candidates = pd.DataFrame(strategy.run(score))
+    front = pareto_front(candidates, "score", "flops_ratio")
+    reported = pd.DataFrame([score(row.candidate, row.pruner, split="report") for row in front.itertuples()])
+    unpruned = score("unpruned", {"_target_": None}, split="report")
+    summary = {
+        "evaluations": len(store.records), "cache_hits": store.hits, "cache": str(store.path),
+        "search_hypervolume": hypervolume(candidates, "score", "flops_ratio"),
+        "report_unpruned_score": unpruned["score"], "main_metric": main,
+    }
+    write_outputs(cfg, candidates, reported, summary)
+    return {"candidates": candidates, "front": reported, **summary}
+
+
+def write_outputs(cfg: DictConfig, candidates: pd.DataFrame, front: pd.DataFrame, summary: dict[str, Any]) -> None:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    candidates.drop(columns=["pruner"]).to_csv(out / "candidates.csv", index=False)
+    front.drop(columns=["pruner"]).to_csv(out / "front.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot = plot_fronts({"search split": candidates, "front, report split": front}, "score", "flops_ratio",
+                       out / "front.png", f"{cfg.run_name}", unpruned=summary["report_unpruned_score"])
+    for node in (cfg.logger or {}).values():
+        logger = instantiate(node)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics({f"search/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        if hasattr(logger, "log_table"):
+            logger.log_table("search/front", dataframe=front.drop(columns=["pruner"]))
+            logger.log_image("search/front_plot", images=[str(plot)])
+        logger.finalize("success")
+    columns = ["candidate", "score", "flops_ratio", "gflops"]
+    print(front[columns].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    log.info("search wrote %s (%d evaluations, %d from cache)", out, summary["evaluations"], summary["cache_hits"])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="search")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    run_search(cfg)
+
+
+if __name__ == "__main__":
+    main()

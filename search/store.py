@@ -1,0 +1,42 @@
+"""On-disk cache of evaluated candidates, so an interrupted search resumes without re-evaluating."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class CandidateStore:
+    """Append-only JSON-lines file keyed by candidate; every record is flushed and fsynced as
+    soon as it is evaluated, so a killed search loses at most the candidate in flight."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill: re-evaluate it
+                        continue
+                    self.records[record["key"]] = record
+        self.hits = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def get(self, key: str) -> dict[str, Any]:
+        self.hits += 1
+        return self.records[key]
+
+    def add(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
+        record = {"key": key, **record}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records[key] = record
+        return record

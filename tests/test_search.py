@@ -1,0 +1,69 @@
+"""tokenprune-search: grid curves, Pareto front, on-disk cache and resume."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from apps import FAST, compose_app
+from lightning_modules.train_app import train
+from search.pareto import hypervolume, pareto_front
+from search.search_app import cache_path, run_search
+from search.store import CandidateStore
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("trained")
+    return train(compose_app("train", FAST, root / "run"))["last_checkpoint"]
+
+
+def search_cfg(tmp_path, checkpoint, name, extra=()):
+    return compose_app("search", ["logger=csv", f"checkpoint={checkpoint}", "search=keep_ratio_grid",
+                                  "search.values=[0.3,0.6,1.0]", *extra], tmp_path / name)
+
+
+def test_front_is_non_dominated_and_hypervolume_grows():
+    table = pd.DataFrame({"score": [0.8, 0.7, 0.75, 0.9], "flops_ratio": [0.5, 0.5, 0.3, 1.0]})
+    front = pareto_front(table, "score", "flops_ratio")
+    assert front.to_dict("list") == {"score": [0.75, 0.8, 0.9], "flops_ratio": [0.3, 0.5, 1.0]}
+    assert hypervolume(front, "score", "flops_ratio") > hypervolume(front.iloc[:2], "score", "flops_ratio") > 0
+
+
+def test_grid_search_writes_front_and_resumes_from_cache(tmp_path, checkpoint):
+    first = run_search(search_cfg(tmp_path, checkpoint, "first"))
+    assert len(first["candidates"]) == 3 and first["cache_hits"] == 0
+    ratios = first["candidates"].sort_values("keep_ratio").flops_ratio.tolist()
+    assert ratios == sorted(ratios) and ratios[-1] == pytest.approx(1.0)
+    assert set(first["front"].split) == {"report"}
+    for name in ("candidates.csv", "front.csv", "front.png", "summary.json"):
+        assert (tmp_path / "first" / name).is_file()
+    again = run_search(search_cfg(tmp_path, checkpoint, "again"))
+    assert again["cache_hits"] == again["evaluations"] and again["evaluations"] == first["evaluations"]
+    pd.testing.assert_frame_equal(again["front"], first["front"])
+
+
+def test_killed_search_reevaluates_only_what_is_missing(tmp_path, checkpoint):
+    cfg = search_cfg(tmp_path, checkpoint, "full")
+    full = run_search(cfg)
+    path = cache_path(cfg)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])  # killed mid-write
+    resumed = run_search(search_cfg(tmp_path, checkpoint, "resumed"))
+    assert resumed["cache_hits"] == 2
+    assert len(CandidateStore(path).records) == full["evaluations"]
+    pd.testing.assert_frame_equal(resumed["front"].drop(columns="key"), full["front"].drop(columns="key"))
+
+
+def test_bad_search_settings(tmp_path, checkpoint):
+    with pytest.raises(FileNotFoundError, match="checkpoint=nope.ckpt is not a file"):
+        run_search(search_cfg(tmp_path, "nope.ckpt", "x"))
+    with pytest.raises(Exception, match="search.parameter=ratio is not a setting of search.pruner"):
+        run_search(search_cfg(tmp_path, checkpoint, "y", ["search.parameter=ratio"]))
+
+
+def test_summary_json_is_written(tmp_path, checkpoint):
+    run_search(search_cfg(tmp_path, checkpoint, "s"))
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["main_metric"] == "accuracy" and 0 <= summary["report_unpruned_score"] <= 1
