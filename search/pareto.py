@@ -26,7 +26,7 @@ def pareto_front(table: pd.DataFrame, score: str, flops: str) -> pd.DataFrame:
     return table.iloc[np.sort(front)].sort_values(flops).reset_index(drop=True)
 
 
-def hypervolume(table: pd.DataFrame, score: str, flops: str, reference: tuple[float, float] = (1.0, 0.0)) -> float:
+def hypervolume(table: pd.DataFrame, score: str, flops: str, reference: tuple[float, float] = (1.1, 0.0)) -> float:
     """Area dominated by the points, bounded by FLOPs ratio <= reference[0], score >= reference[1]."""
     if table.empty:
         return 0.0

@@ -15,13 +15,15 @@ class CandidateStore:
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
         if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a kill: re-evaluate it
-                        continue
-                    self.records[record["key"]] = record
+            text = path.read_text()
+            if text and not text.endswith("\n"):  # the last record was cut short by a kill
+                text = text[: text.rfind("\n") + 1]
+                partial = path.with_suffix(".tmp")
+                partial.write_text(text)
+                partial.replace(path)
+            for line in text.splitlines():
+                record = json.loads(line)
+                self.records[record["key"]] = record
         self.hits = 0
 
     def __contains__(self, key: str) -> bool:
