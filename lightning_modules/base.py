@@ -67,6 +67,7 @@ class TokenPruningModule(L.LightningModule):
             instantiate(pruner, num_layers=self.adapter.num_layers) if pruner and pruner.get("_target_") else None
         )
         self.regression = task["num_labels"] == 1
+        self.token_level = bool(task.get("token_level", False))
         metrics = MetricCollection({name: instantiate(spec) for name, spec in task["metrics"].items()})
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -91,22 +92,35 @@ class TokenPruningModule(L.LightningModule):
 
     # ----------------------------------------------------------------- forward and loss
     def forward(self, batch: Mapping[str, Tensor], pruner: TokenPruner | None = None, **engine: Any) -> tuple[Tensor, EncoderOutput]:
-        """Logits and the engine output for a tokenized batch, pruned by `pruner`."""
-        out = self.encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner, **engine)
-        return self.adapter.classify(out.hidden), out
+        """Logits and the engine output for a tokenized batch, pruned by `pruner`.
+
+        Token-level tasks get Drop-and-Restore: full-length outputs, one logit row per input token.
+        """
+        out = self.encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), pruner=pruner,
+                           restore=self.token_level, **engine)
+        head = self.adapter.token_logits if self.token_level else self.adapter.classify
+        return head(out.hidden), out
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.regression:
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
 
-    def predictions(self, logits: Tensor) -> Tensor:
-        return logits.squeeze(-1) if self.regression else logits.argmax(dim=-1)
+    def update_metrics(self, metrics: MetricCollection, logits: Tensor, labels: Tensor) -> None:
+        """Task metrics on predictions; token-level tasks skip sub-word/special positions (-100)."""
+        if self.regression:
+            metrics.update(logits.squeeze(-1), labels)
+            return
+        predictions = logits.argmax(dim=-1)
+        if self.token_level:
+            scored = labels != -100
+            predictions, labels = predictions[scored], labels[scored]
+        metrics.update(predictions, labels)
 
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self, batch: Mapping[str, Tensor], metrics: MetricCollection, stats: PruningStats) -> Tensor:
         logits, out = self(batch, pruner=self.pruner)
-        metrics.update(self.predictions(logits), batch["labels"])
+        self.update_metrics(metrics, logits, batch["labels"])
         stats.update(out.trace, batch["attention_mask"].sum(dim=1))
         return self.task_loss(logits, batch["labels"])
 
@@ -119,7 +133,7 @@ class TokenPruningModule(L.LightningModule):
         self.log("test/loss", loss, batch_size=batch["labels"].shape[0])
         if self.pruner is not None and self.hparams.compare_unpruned:
             logits, _ = self(batch)
-            self.test_unpruned_metrics.update(self.predictions(logits), batch["labels"])
+            self.update_metrics(self.test_unpruned_metrics, logits, batch["labels"])
 
     def _log_epoch(self, stage: str, metrics: MetricCollection, stats: PruningStats, *extra: MetricCollection) -> None:
         values = {**metrics.compute(), **{f"{stage}/{k}": v for k, v in stats.compute().items()}}

@@ -60,7 +60,7 @@ def main() -> None:
     unpruned = table["unpruned_score"].dropna().mean() if "unpruned_score" in table else None
     curves = {name: group for name, group in table.groupby("method")}
     plot = plot_fronts(curves, "score", "flops_ratio", out / "front.png", "accuracy vs relative FLOPs",
-                       unpruned=None if pd.isna(unpruned) else float(unpruned))
+                       unpruned=None if pd.isna(unpruned) else (1.0, float(unpruned)))
     if args.wandb:
         import wandb
 

@@ -24,6 +24,8 @@ def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128) -> Ta
         text_columns=task["text_columns"],
         max_length=task["max_length"],
         eval_batch_size=eval_batch_size,
+        label_column=task.get("label_column", "label"),
+        token_level=task.get("token_level", False),
     )
     datamodule.setup()
     return datamodule
@@ -38,7 +40,7 @@ def evaluate(module: TokenPruningModule, loader: DataLoader, pruner: TokenPruner
     for batch in tqdm(loader, desc=desc, leave=False):
         batch = {k: v.to(module.device) for k, v in batch.items()}
         logits, out = module(batch, pruner=pruner)
-        metrics.update(module.predictions(logits), batch["labels"])
+        module.update_metrics(metrics, logits, batch["labels"])
         stats.update(out.trace, batch["attention_mask"].sum(dim=1))
     result = {k.removeprefix("test/"): float(v) for k, v in metrics.compute().items()}
     result.update({k: float(v) for k, v in stats.compute().items()})

@@ -5,16 +5,17 @@ constant-ratio curve that the evolutionary search is compared against.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_modules.base import plain
-
-Scorer = Callable[[str, Mapping[str, Any]], dict[str, Any]]
+from search.context import SearchContext
 
 
 class GridSearch:
     """Evaluate `pruner` (a `_target_` config) with `parameter` set to each of `values`."""
+
+    requires_length_adaptive = False
 
     def __init__(self, pruner: Mapping[str, Any], parameter: str, values: Sequence[float]) -> None:
         if parameter not in pruner:
@@ -25,8 +26,8 @@ class GridSearch:
         self.parameter = parameter
         self.values = list(plain(values))
 
-    def run(self, score: Scorer) -> list[dict[str, Any]]:
+    def run(self, context: SearchContext) -> list[dict[str, Any]]:
         return [
-            score(f"{self.parameter}={value}", {**self.pruner, self.parameter: value}) | {self.parameter: value}
+            context.score(f"{self.parameter}={value}", {**self.pruner, self.parameter: value}) | {self.parameter: value}
             for value in self.values
         ]

@@ -34,15 +34,15 @@ def hypervolume(table: pd.DataFrame, score: str, flops: str, reference: tuple[fl
 
 
 def plot_fronts(curves: dict[str, pd.DataFrame], score: str, flops: str, path: Path, title: str,
-                unpruned: float | None = None) -> Path:
-    """Score vs relative FLOPs, one line per named curve, the unpruned model as a star."""
+                unpruned: tuple[float, float] | None = None) -> Path:
+    """Score vs FLOPs, one line per named curve, the unpruned model (x, y) as a star."""
     figure, axes = plt.subplots(figsize=(6, 4.2))
     for name, table in curves.items():
         ordered = table.sort_values(flops)
         axes.plot(ordered[flops], ordered[score], marker="o", label=name)
     if unpruned is not None:
-        axes.scatter([1.0], [unpruned], marker="*", s=160, color="black", label="unpruned", zorder=5)
-    axes.set_xlabel("relative FLOPs (analytic, real lengths)")
+        axes.scatter([unpruned[0]], [unpruned[1]], marker="*", s=160, color="black", label="unpruned", zorder=5)
+    axes.set_xlabel("GFLOPs per example" if flops == "gflops" else "relative FLOPs (analytic, real lengths)")
     axes.set_ylabel(score)
     axes.set_title(title)
     axes.grid(alpha=0.3)

@@ -19,11 +19,14 @@ from typing import Any
 import hydra
 import pandas as pd
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.base import load_module
 from search.evaluate import datamodule_for, evaluate
+from search.context import SearchContext
+from search.evolution import ConstantRatioSearch
 from search.pareto import hypervolume, pareto_front, plot_fronts
 from search.store import CandidateStore
 
@@ -44,8 +47,11 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     if cfg.checkpoint is None or not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint} is not a file; tokenprune-search needs a trained checkpoint")
     torch.set_num_threads(int(cfg.threads))
-    module = load_module(cfg.checkpoint).to(torch.device(cfg.device))
     strategy = instantiate(cfg.search, _convert_="all")
+    module = load_module(cfg.checkpoint).to(torch.device(cfg.device))
+    if strategy.requires_length_adaptive and not module.hparams.get("length_adaptive"):
+        raise ValueError(f"search={HydraConfig.get().runtime.choices.search} needs a Length-Adaptive checkpoint "
+                         f"(module=length_adaptive); {cfg.checkpoint} was trained by {type(module).__name__}")
     data = datamodule_for(module, cfg.eval_batch_size)
     store = CandidateStore(cache_path(cfg))
     main = module.hparams.task["main_metric"]
@@ -59,30 +65,46 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         result = evaluate(module, loader, pruner, desc=f"{split} {key}")
         return store.add(cache_key, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg})
 
-    candidates = pd.DataFrame(strategy.run(score))
+    reference_length = int(module.hparams.task["max_length"])
+    context = SearchContext(module.dims, reference_length, data.lengths["search"], score)
+    candidates = pd.DataFrame(strategy.run(context))
     front = pareto_front(candidates, "score", "flops_ratio")
-    reported = pd.DataFrame([score(row.candidate, row.pruner, split="report") for row in front.itertuples()])
+    reported = pd.DataFrame([score(row.candidate, row.pruner, split="report") | extra_columns(row)
+                             for row in front.itertuples()])
+    curves = {"search split": candidates, "front, report split": reported}
+    if cfg.compare_constant_ratios:
+        baseline = ConstantRatioSearch(list(cfg.compare_constant_ratios)).run(context)
+        curves["constant ratio, report split"] = pd.DataFrame(
+            [score(r["candidate"], r["pruner"], split="report") for r in baseline])
     unpruned = score("unpruned", {"_target_": None}, split="report")
     summary = {
         "evaluations": len(store.records), "cache_hits": store.hits, "cache": str(store.path),
         "search_hypervolume": hypervolume(candidates, "score", "flops_ratio"),
-        "report_unpruned_score": unpruned["score"], "main_metric": main,
+        "report_unpruned_score": unpruned["score"], "report_unpruned_gflops": unpruned["gflops"], "main_metric": main,
     }
-    write_outputs(cfg, candidates, reported, summary)
-    return {"candidates": candidates, "front": reported, **summary}
+    write_outputs(cfg, candidates, reported, curves, context.history, summary)
+    return {"candidates": candidates, "front": reported, "curves": curves, "history": context.history, **summary}
 
 
-def write_outputs(cfg: DictConfig, candidates: pd.DataFrame, front: pd.DataFrame, summary: dict[str, Any]) -> None:
+def extra_columns(row: Any) -> dict[str, Any]:
+    """Carry a front member's search-time bookkeeping (gene, origin, parents) to its report row."""
+    return {k: getattr(row, k) for k in ("gene", "origin", "parents") if hasattr(row, k)}
+
+
+def write_outputs(cfg: DictConfig, candidates: pd.DataFrame, front: pd.DataFrame, curves: dict[str, pd.DataFrame],
+                  history: list[dict[str, float]], summary: dict[str, Any]) -> None:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     candidates.drop(columns=["pruner"]).to_csv(out / "candidates.csv", index=False)
     front.drop(columns=["pruner"]).to_csv(out / "front.csv", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot = plot_fronts({"search split": candidates, "front, report split": front}, "score", "flops_ratio",
-                       out / "front.png", f"{cfg.run_name}", unpruned=summary["report_unpruned_score"])
+    (out / "summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    plot = plot_fronts(curves, "score", "gflops", out / "front.png", f"{cfg.run_name}",
+                       unpruned=(summary["report_unpruned_gflops"], summary["report_unpruned_score"]))
     for node in (cfg.logger or {}).values():
         logger = instantiate(node)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        for point in history:  # front quality per iteration: convergence is visible
+            logger.log_metrics({f"search/{k}": v for k, v in point.items() if k != "iteration"}, step=int(point["iteration"]))
         logger.log_metrics({f"search/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         if hasattr(logger, "log_table"):
             logger.log_table("search/front", dataframe=front.drop(columns=["pruner"]))

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import lightning as L
 from datasets import Dataset, DatasetDict
 from torch.utils.data import BatchSampler, DataLoader
-from transformers import AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoTokenizer, DataCollatorForTokenClassification, DataCollatorWithPadding
 
 from lightning_modules.data.sampler import BucketShuffleSampler
 from lightning_modules.data.sources import SPLITS
@@ -14,8 +14,18 @@ from lightning_modules.data.sources import SPLITS
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
+def first_subword_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:
+    """Word labels on each word's first sub-word; -100 (ignored) on the rest and on specials."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(-100 if word is None or word == previous else tags[word])
+        previous = word
+    return labels
+
+
 class TaskDataModule(L.LightningDataModule):
-    """Tokenizes a task source (train / search / report) and serves padded batches.
+    """Tokenizes a task source (train / search / report) and serves padded batches; sequence
+    tasks (one text or a pair) or, with `token_level`, word-list tasks (e.g. NER).
 
     Validation runs on `search`, test on `report`. Training batches are length-bucketed and
     shuffled per epoch from `seed`; evaluation batches are sorted by length. Both keep padding,
@@ -33,6 +43,7 @@ class TaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         label_column: str = "label",
         seed: int = 0,
+        token_level: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -48,9 +59,13 @@ class TaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.label_column = label_column
         self.seed = seed
+        self.token_level = token_level
+        if token_level and len(self.text_columns) != 1:
+            raise ValueError(f"token-level task.text_columns={self.text_columns} must name one column of word lists")
         self.splits: DatasetDict | None = None
         self.lengths: dict[str, list[int]] = {}
-        self.collate = DataCollatorWithPadding(self.tokenizer)
+        self.collate = (DataCollatorForTokenClassification(self.tokenizer) if token_level
+                        else DataCollatorWithPadding(self.tokenizer))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -66,9 +81,15 @@ class TaskDataModule(L.LightningDataModule):
         columns = self.text_columns
 
         def encode(batch: dict) -> dict:
-            texts = [[text or "" for text in batch[column]] for column in columns]
-            encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
-            encoded["labels"] = batch[self.label_column]
+            if self.token_level:
+                encoded = self.tokenizer(batch[columns[0]], is_split_into_words=True, truncation=True,
+                                         max_length=self.max_length)
+                encoded["labels"] = [first_subword_labels(encoded.word_ids(i), tags)
+                                     for i, tags in enumerate(batch[self.label_column])]
+            else:
+                texts = [[text or "" for text in batch[column]] for column in columns]
+                encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+                encoded["labels"] = batch[self.label_column]
             encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
             return encoded
 

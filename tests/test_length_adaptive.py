@@ -1,0 +1,164 @@
+"""Length-Adaptive Transformer: LengthDrop genes, sandwich training, Drop-and-Restore, evolution."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Sequence, Value
+
+import search.search_app as search_app
+from apps import FAST, compose_app
+from conftest import random_batch, tiny_model
+from lightning_modules.length_adaptive import distillation_loss
+from lightning_modules.pruners.length import LengthConfigPruner, check_gene, constant_ratio_gene, sample_gene, smallest_gene
+from lightning_modules.train_app import train
+from search.search_app import run_search
+
+LAT = [*FAST, "pruner=length_adaptive", "module=length_adaptive", "task.max_length=64"]
+
+
+def test_length_drop_samples_non_increasing_genes_within_bounds():
+    rng = random.Random(0)
+    for _ in range(200):
+        gene = sample_gene(6, 128, 0.2, rng)
+        previous = 128
+        for length in gene:
+            assert -(-(0.8 * previous) // 1) <= length <= previous
+            previous = length
+    assert smallest_gene(4, 100, 0.2) == (80, 64, 52, 42)
+    assert constant_ratio_gene(3, 10, 0.5) == (5, 3, 2)
+
+
+@pytest.mark.parametrize(("gene", "message"), [((10, 12, 8), "non-increasing"), ((200, 100, 50), r"in \[1, 128\]"),
+                                               ((10, 8), "has 2 entries")])
+def test_hand_written_genes_are_checked(gene, message):
+    with pytest.raises(ValueError, match=message):
+        check_gene(gene, 3, 128)
+
+
+def test_gene_keeps_the_same_fraction_of_every_example():
+    _, adapter = tiny_model("bert")
+    from lightning_modules.engine import PrunableEncoder
+
+    ids, mask = random_batch(batch=3, length=20)
+    with torch.no_grad():
+        out = PrunableEncoder(adapter)(ids, mask, pruner=LengthConfigPruner(3, [20, 10, 5], reference_length=20))
+    assert [t.n_out.tolist() for t in out.trace] == [[20, 15, 10], [10, 8, 5], [5, 4, 3]]
+
+
+def test_distillation_directions_differ_and_vanish_at_the_teacher():
+    student, teacher = torch.randn(4, 3), torch.randn(4, 3)
+    forward = distillation_loss(student, teacher, "forward", False)
+    reverse = distillation_loss(student, teacher, "reverse", False)
+    assert forward > 0 and reverse > 0 and not torch.isclose(forward, reverse)
+    assert distillation_loss(teacher, teacher, "forward", False).abs() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def lat_checkpoint(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("lat")
+    finetuned = train(compose_app("train", [*FAST, "task.max_length=64"], root / "ft"))["last_checkpoint"]
+    result = train(compose_app("train", [*LAT, f"module.init_from={finetuned}"], root / "lat"))
+    assert result["report"]["test/flops_ratio"] == pytest.approx(1.0)  # validated at full length
+    return result["last_checkpoint"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("module.length_drop=1.0", "module.length_drop=1.0 is outside"), ("module.layer_drop=-0.1", "module.layer_drop=-0.1"),
+     ("module.kd_direction=sideways", "module.kd_direction=sideways is not one of: forward, reverse"),
+     ("pruner.lengths=[50,60,10]", "must be non-increasing"), ("pruner.lengths=[100,50,10]", r"in \[1, 64\]")],
+)
+def test_bad_length_adaptive_settings(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        train(compose_app("train", [*LAT, override], tmp_path / "bad"))
+
+
+def search_cfg(tmp_path, checkpoint, name, extra=()):
+    return compose_app("search", ["logger=csv", f"checkpoint={checkpoint}", "search=evolution", "search.iterations=3",
+                                  "search.mutations=4", "search.crossovers=3", "search.population=4",
+                                  "compare_constant_ratios=[0.6,0.8]", *extra], tmp_path / name)
+
+
+def test_evolution_front_genes_are_valid_and_logged(tmp_path, lat_checkpoint):
+    result = run_search(search_cfg(tmp_path, lat_checkpoint, "evo"))
+    candidates = result["candidates"]
+    for gene in candidates.gene:
+        assert list(gene) == sorted(gene, reverse=True) and 1 <= min(gene) and max(gene) <= 64
+    kinds = {origin.split("@")[0] for origin in candidates.origin}
+    assert {"initial", "mutation"} <= kinds <= {"initial", "mutation", "crossover"}
+    assert len(candidates) <= 6 + 3 * (4 + 3), "each iteration adds at most n_m + n_c new genes"
+    assert len(result["history"]) == 4 and result["history"][-1]["hypervolume"] >= result["history"][0]["hypervolume"]
+    assert "constant ratio, report split" in result["curves"]
+    assert (tmp_path / "evo" / "front.png").is_file()
+
+
+def test_killed_evolution_resumes_with_same_front_and_no_repeats(tmp_path, lat_checkpoint, monkeypatch):
+    calls = {"n": 0}
+    real = search_app.evaluate
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        if calls.get("limit") and calls["n"] > calls["limit"]:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_app, "evaluate", counting)
+    straight = run_search(search_cfg(tmp_path, lat_checkpoint, "straight", ["search.seed=3"]))
+    uninterrupted = calls["n"]
+    other_root = tmp_path / "other"
+    other_root.mkdir()
+    calls.update(n=0, limit=uninterrupted // 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(search_cfg(other_root, lat_checkpoint, "killed", ["search.seed=3"]))
+    calls.update(n=0, limit=None)
+    resumed = run_search(search_cfg(other_root, lat_checkpoint, "resumed", ["search.seed=3"]))
+    assert calls["n"] + uninterrupted // 2 == uninterrupted, "no candidate evaluated twice"
+    assert resumed["front"].gene.tolist() == straight["front"].gene.tolist()
+    assert resumed["front"].score.tolist() == straight["front"].score.tolist()
+
+
+def test_search_refuses_non_length_adaptive_checkpoint_and_tiny_budget(tmp_path, lat_checkpoint):
+    plain = train(compose_app("train", [*FAST, "task.max_length=64"], tmp_path / "plain"))["last_checkpoint"]
+    with pytest.raises(ValueError, match="needs a Length-Adaptive checkpoint"):
+        run_search(search_cfg(tmp_path, plain, "x"))
+    with pytest.raises(ValueError, match="search.flops_max=0.01 is below the smallest length configuration"):
+        run_search(search_cfg(tmp_path, lat_checkpoint, "y", ["search.flops_max=0.01"]))
+
+
+def _token_task(path) -> str:
+    words = ["alpha", "beta", "gamma", "delta", "berlin", "paris", "anna", "bob"]
+    rng = random.Random(0)
+    rows = {"tokens": [], "ner_tags": []}
+    for _ in range(60):
+        sentence = [rng.choice(words) for _ in range(rng.randint(1, 12))]
+        rows["tokens"].append(sentence)
+        rows["ner_tags"].append([1 if w in ("berlin", "paris") else 2 if w in ("anna", "bob") else 0 for w in sentence])
+    features = {"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=["O", "LOC", "PER"]))}
+    from datasets import Features
+
+    data = Dataset.from_dict(rows, features=Features(features))
+    DatasetDict(train=data, validation=data.select(range(20))).save_to_disk(str(path))
+    return str(path)
+
+
+def test_drop_and_restore_token_task_end_to_end(tmp_path):
+    local = _token_task(tmp_path / "ner")
+    task = ["task=conll2003", f"task.source.local_path={local}", "task.num_labels=3", "task.max_length=32",
+            "task.metrics.accuracy.num_classes=3", "task.metrics.f1.num_classes=3"]
+    finetuned = train(compose_app("train", [*FAST, *task], tmp_path / "ft"))["last_checkpoint"]
+    overrides = [*FAST, *task, "pruner=length_adaptive", "module=length_adaptive", f"module.init_from={finetuned}",
+                 "pruner.lengths=[24,16,8]"]
+    result = train(compose_app("train", overrides, tmp_path / "lat"))
+    report = result["report"]
+    assert 0 <= report["test/f1"] <= 1 and report["test/flops_ratio"] < 0.9
+    from lightning_modules.base import load_module
+    from search.evaluate import datamodule_for
+
+    module = load_module(result["last_checkpoint"])
+    batch = next(iter(datamodule_for(module, 8).test_dataloader()))
+    with torch.no_grad():
+        logits, out = module(batch, pruner=module.pruner)
+    assert logits.shape[:2] == batch["input_ids"].shape, "Drop-and-Restore returns one row per input token"
+    assert out.trace[-1].n_out.max() < batch["attention_mask"].sum(dim=1).max()
