@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -26,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lightning_modules.backbones import assert_same_backbone, load_config, usable_positions
 from lightning_modules.base import read_checkpoint
 from lightning_modules.callbacks import StepSeed
+from lightning_modules.instantiation import plain_errors
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +38,6 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path, runs_root: Path) ->
     if not candidates:
         raise FileNotFoundError(f"ckpt_path=last but no earlier run left a last.ckpt under {runs_root}")
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
-
-
-@contextmanager
-def plain_errors() -> Iterator[None]:
-    """Re-raise the error a `_target_` raised instead of Hydra's nested InstantiationException,
-    so a bad setting reads as e.g. `pruner.keep_ratio=1.5 is outside the allowed range (0.0, 1.0]`."""
-    try:
-        yield
-    except InstantiationException as error:
-        cause: BaseException = error
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise cause from None
 
 
 def validate(cfg: DictConfig) -> None:

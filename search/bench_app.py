@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 from lightning_modules.backbones import tokenizer_location
 from lightning_modules.base import TokenPruningModule, load_module
+from lightning_modules.instantiation import plain_errors
 from search.flops import encoder_macs, unpruned_macs
 from search.throughput import measure, packed_batch
 
@@ -32,7 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def bench_module(cfg: DictConfig) -> TokenPruningModule:
+    """The module to measure: a checkpoint (with its own pruner unless checkpoint_pruner=false,
+    e.g. to measure a searched length configuration) or the backbone with `pruner`."""
     module = load_module(cfg.checkpoint) if cfg.checkpoint else instantiate(cfg.module)
+    if cfg.checkpoint and not cfg.checkpoint_pruner:
+        with plain_errors():
+            module.pruner = instantiate(cfg.pruner, num_layers=module.adapter.num_layers)
     if module.pruner is None:
         raise ValueError("tokenprune-bench needs a pruner (pruner=topk|spatten|random|...), got none")
     return module.eval()

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.base import load_module
+from lightning_modules.instantiation import plain_errors
 from search.evaluate import datamodule_for, evaluate
 from search.context import SearchContext
 from search.evolution import ConstantRatioSearch
@@ -47,7 +48,8 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     if cfg.checkpoint is None or not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint} is not a file; tokenprune-search needs a trained checkpoint")
     torch.set_num_threads(int(cfg.threads))
-    strategy = instantiate(cfg.search, _convert_="all")
+    with plain_errors():
+        strategy = instantiate(cfg.search, _convert_="all")
     module = load_module(cfg.checkpoint).to(torch.device(cfg.device))
     if strategy.requires_length_adaptive and not module.hparams.get("length_adaptive"):
         raise ValueError(f"search={HydraConfig.get().runtime.choices.search} needs a Length-Adaptive checkpoint "
@@ -96,6 +98,9 @@ def write_outputs(cfg: DictConfig, candidates: pd.DataFrame, front: pd.DataFrame
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     candidates.drop(columns=["pruner"]).to_csv(out / "candidates.csv", index=False)
+    if "gene" in front:
+        front = front.assign(bench=[f"tokenprune-bench checkpoint={Path(cfg.checkpoint).resolve()} checkpoint_pruner=false "
+                                    f"pruner=length_adaptive 'pruner.lengths={list(g)}'" for g in front.gene])
     front.drop(columns=["pruner"]).to_csv(out / "front.csv", index=False)
     (out / "summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     plot = plot_fronts(curves, "score", "gflops", out / "front.png", f"{cfg.run_name}",

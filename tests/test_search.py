@@ -59,7 +59,7 @@ def test_killed_search_reevaluates_only_what_is_missing(tmp_path, checkpoint):
 def test_bad_search_settings(tmp_path, checkpoint):
     with pytest.raises(FileNotFoundError, match="checkpoint=nope.ckpt is not a file"):
         run_search(search_cfg(tmp_path, "nope.ckpt", "x"))
-    with pytest.raises(Exception, match="search.parameter=ratio is not a setting of search.pruner"):
+    with pytest.raises(ValueError, match="search.parameter=ratio is not a setting of search.pruner"):
         run_search(search_cfg(tmp_path, checkpoint, "y", ["search.parameter=ratio"]))
 
 
