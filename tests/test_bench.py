@@ -40,3 +40,13 @@ def test_bench_refuses_lengths_beyond_positions(tmp_path):
     cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "lengths=[500]", "pruner=topk"], tmp_path / "bench")
     with pytest.raises(ValueError, match="lengths entry 500 is outside"):
         run_bench(cfg)
+
+
+def test_training_step_bench_compares_ltp_stages(tmp_path):
+    cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "mode=train", "module=ltp", "pruner=ltp",
+                                "train_batches=2", "repeats=1"], tmp_path / "train_bench")
+    from search.bench_app import run_training_bench
+
+    table = run_training_bench(cfg)
+    assert table.stage.tolist() == ["finetune", "soft"] and (table.step_s > 0).all()
+    assert table.relative_to_first.iloc[0] == 1.0
