@@ -121,3 +121,15 @@ def test_wandb_logger_runs_offline_and_keeps_the_run_files(tmp_path):
     runs = list((tmp_path / "wandb_run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
     assert results["report"]["test/flops_ratio"] < 1.0
+
+
+def test_slurm_launcher_config_composes_with_cluster_settings(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp",
+                                          "hydra.launcher.timeout_min=60"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.mem_gb, launcher.timeout_min) == ("gpu", 1, 32, 60)
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.use_distributed_sampler is False
