@@ -72,9 +72,12 @@ class LengthAdaptiveModule(TokenPruningModule):
             raise ValueError(f"module=length_adaptive needs pruner=length_adaptive, got {type(self.pruner).__name__}")
         self.save_hyperparameters({"stage": stage, "length_drop": length_drop, "layer_drop": layer_drop, "num_sandwich": num_sandwich,
                                    "kd_direction": kd_direction, "length_adaptive": True})
-        if init_from is None and stage == "sandwich":
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from is None and self.hparams.stage == "sandwich":
             log.warning("module.init_from is not set: Length-Adaptive training normally starts from a fine-tuned "
                         "checkpoint (tokenprune-train pruner=none); training from the pretrained backbone instead")
+        super().setup(stage)
 
     def sub_models(self) -> list[tuple[LengthConfigPruner, set[int]]]:
         """The smallest sub-model, then num_sandwich LengthDrop + LayerDrop samples."""
