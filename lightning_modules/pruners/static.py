@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -109,7 +108,3 @@ class RandomPruner(ScheduledPruner):
     def rank(self, scores: Tensor | None, state: TokenState) -> Tensor:
         return torch.rand(state.mask.shape, device=state.mask.device)
 
-
-def expected_tokens(ratios: Sequence[float], length: int) -> list[int]:
-    """Tokens left after each layer for an input of `length` real tokens (for reports)."""
-    return [max(1, math.ceil(length * r - 1e-9)) for r in ratios]
