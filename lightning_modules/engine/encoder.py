@@ -78,7 +78,8 @@ class PrunableEncoder:
         """
         adapter = self.adapter
         state = TokenState.start(adapter.embed(input_ids, token_type_ids), attention_mask)
-        full = state.hidden.new_zeros(state.hidden.shape[0], state.hidden.shape[1] + 1, state.hidden.shape[2])
+        batch, length, width = state.hidden.shape
+        full = state.hidden.new_zeros(batch, length + 1, width) if restore else None  # Drop-and-Restore buffer
         trace: list[LayerTrace] = []
         for index in range(adapter.num_layers):
             if index in skip_layers:
