@@ -6,7 +6,9 @@ import torch
 
 from conftest import random_batch, tiny_model
 from lightning_modules.engine import PrunableEncoder
+from lightning_modules.engine import attention
 from lightning_modules.engine.scoring import score_vector
+from lightning_modules.pruners.ltp import LTPPruner
 from lightning_modules.pruners.static import RandomPruner, SpAttenPruner, TopKPruner
 
 
@@ -128,3 +130,50 @@ def test_layer_drop_skips_layers_and_costs_nothing():
     with torch.no_grad():
         out = PrunableEncoder(adapter)(ids, mask, skip_layers={0, 2})
     assert [t.skipped for t in out.trace] == [True, False, True]
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 200, 1 << 20])
+def test_chunked_attention_equals_whole_batch(chunk_elements, monkeypatch):
+    """attention_with_scores over batch chunks = whole-batch softmax attention, incl. padding."""
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, 4, 9, 8, generator=generator) for _ in range(3))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2] = False  # an all-padding row
+    additive = torch.zeros(3, 9).masked_fill(~mask, torch.finfo(torch.float32).min)[:, None, None, :]
+    probs = torch.softmax(query @ key.transpose(-1, -2) * 8**-0.5 + additive, dim=-1)
+    context, scores = attention.attention_with_scores(query, key, value, additive, mask)
+    torch.testing.assert_close(context, probs @ value)
+    torch.testing.assert_close(scores, score_vector(probs, mask))
+    assert scores[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("pruner", [TopKPruner(3, keep_ratio=0.5, start_layer=0), LTPPruner(3, final_threshold=0.05)])
+def test_inference_path_equals_differentiable_path(pruner):
+    """Without gradients pruning layers take the chunked path; with them the whole-batch one:
+    same tokens, same hidden states."""
+    _, adapter = tiny_model("bert")
+    ids, mask = random_batch()
+    encoder = PrunableEncoder(adapter)
+    with torch.enable_grad():
+        whole = encoder(ids, mask, pruner=pruner)
+    with torch.inference_mode():
+        chunked = encoder(ids, mask, pruner=pruner)
+    assert whole.hidden.requires_grad and not chunked.hidden.requires_grad
+    torch.testing.assert_close(chunked.positions, whole.positions)
+    torch.testing.assert_close(chunked.hidden, whole.hidden.detach(), rtol=1e-5, atol=1e-5)
+    assert [t.n_out.tolist() for t in chunked.trace] == [t.n_out.tolist() for t in whole.trace]
+    assert any(t.scored for t in chunked.trace)
+
+
+def test_layers_that_would_keep_everything_skip_the_score():
+    """keeps_all: LTP with a threshold <= 0 and top-k whose count covers every row run unpruned."""
+    _, adapter = tiny_model("bert")
+    ids, mask = random_batch()
+    ltp = LTPPruner(3, final_threshold=0.05)  # layer 0 threshold = 0
+    trace = PrunableEncoder(adapter)(ids, mask, pruner=ltp).trace
+    assert not trace[0].scored and trace[1].scored
+    one_token = torch.ones(2, 1, dtype=torch.long)
+    trace = PrunableEncoder(adapter)(one_token * 7, one_token, pruner=TopKPruner(3, keep_ratio=0.5, start_layer=0)).trace
+    assert not any(t.scored for t in trace)

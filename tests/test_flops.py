@@ -14,9 +14,13 @@ from search.flops import EncoderDims, encoder_macs, paper_macs, unpruned_macs
 
 
 def measured_encoder_flops(adapter, ids, mask, **engine) -> tuple[float, list]:
-    """FLOPs torch counts for the encoder layers (embeddings excluded), and the engine trace."""
+    """FLOPs torch counts for the encoder layers (embeddings excluded), and the engine trace.
+
+    FlopCounterMode does not count CPU fused attention kernels, so attention runs on the math
+    backend and with gradients enabled (pruning layers then take the eager-probabilities path).
+    """
     encoder = PrunableEncoder(adapter)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         embed_counter = FlopCounterMode(display=False)
         with embed_counter:
             adapter.embed(ids, None)

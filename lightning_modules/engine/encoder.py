@@ -1,9 +1,10 @@
 """The prunable encoder: one layer loop shared by every pruning method (DESIGN.md s.3).
 
 The loop reuses the HF modules through an adapter and owns only the attention arithmetic, so
-that it can (a) expose attention probabilities to a pruner in the layers that prune, (b) compute
-the attention-times-V product, output projection and FFN for the kept rows only, and (c) slice
-attention heads. Layers that do not prune use fused scaled-dot-product attention.
+that it can (a) give a pruner the score vector in the layers that prune, (b) compute the output
+projection and FFN for the kept rows only, and (c) slice attention heads. Layers that do not
+prune use fused scaled-dot-product attention; pruning layers compute probabilities one batch
+chunk at a time at inference (engine/attention.py), on the whole batch when training.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.engine.adapters import EncoderAdapter, LayerParts
+from lightning_modules.engine.attention import attention_with_scores, chunked_attention_applies
 from lightning_modules.engine.scoring import score_vector
 from lightning_modules.engine.state import EncoderOutput, LayerTrace, TokenState
 from lightning_modules.pruners.base import TokenPruner
@@ -87,7 +89,7 @@ class PrunableEncoder:
                 trace.append(LayerTrace(lengths, lengths * 0, lengths, heads=0, skipped=True))
                 continue
             layer_heads = heads[index] if heads is not None else None
-            prune = pruner is not None and pruner.prunes_at(index)
+            prune = pruner is not None and pruner.prunes_at(index) and not pruner.keeps_all(index, state)
             if restore and prune:
                 full = self._write_back(full, state)
             state, layer_trace = self._layer(index, adapter.layer(index), state, pruner if prune else None, layer_heads)
@@ -128,26 +130,33 @@ class PrunableEncoder:
             hidden = self._finish(parts, context, x, heads)
             return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
 
-        probs = scores = None
-        if pruner.needs_scores:
+        probs = scores = full_context = None
+        if pruner.needs_scores and chunked_attention_applies(query, dropout):
+            full_context, scores = attention_with_scores(query, key, value, additive, state.mask)
+        elif pruner.needs_scores:
             logits = torch.matmul(query * head_dim**-0.5, key.transpose(-1, -2)).add_(additive)
             probs = torch.softmax(logits, dim=-1)
             scores = score_vector(probs, state.mask)
         decision = pruner.select(index, scores, state)
+        scored = scores is not None
 
         if decision.dtype != torch.bool:  # soft weights: full computation, output scaled
-            context = self._context(probs, query, key, value, additive, dropout, training)
-            hidden = self._finish(parts, context, x, heads) * decision[..., None]
-            trace = LayerTrace(n_in, n_in, n_in, n_heads, scored=scores is not None, soft_mask=decision,
+            if full_context is None:
+                full_context = self._context(probs, query, key, value, additive, dropout, training)
+            hidden = self._finish(parts, full_context, x, heads) * decision[..., None]
+            trace = LayerTrace(n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision,
                                scores=scores, score_mask=state.mask)
             return state.with_hidden(hidden), trace
 
         slots, new_mask = state.gather_index(decision)
-        kept_probs = _rows(probs, slots, dim=2) if probs is not None else None
-        context = self._context(kept_probs, _rows(query, slots, dim=2), key, value, additive, dropout, training)
+        if full_context is not None:
+            context = _rows(full_context, slots, dim=2)
+        else:
+            kept_probs = _rows(probs, slots, dim=2) if probs is not None else None
+            context = self._context(kept_probs, _rows(query, slots, dim=2), key, value, additive, dropout, training)
         hidden = self._finish(parts, context, _rows(x, slots, dim=1), heads)
         n_out = new_mask.sum(dim=1)
-        trace = LayerTrace(n_in, n_in if probs is not None else n_out, n_out, n_heads, scored=probs is not None,
+        trace = LayerTrace(n_in, n_in if scored else n_out, n_out, n_heads, scored=scored,
                            scores=scores, score_mask=state.mask)
         return state.select(slots, new_mask, hidden), trace
 

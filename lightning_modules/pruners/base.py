@@ -9,8 +9,8 @@ from lightning_modules.engine.state import TokenState
 class TokenPruner(nn.Module):
     """Decides which tokens leave the encoder after each layer's attention.
 
-    The engine asks `prunes_at(layer)` first; layers that do not prune run the fast fused
-    (sdpa) attention. In a pruning layer the engine computes the score vector (if
+    The engine asks `prunes_at(layer)` and `keeps_all(layer, state)` first; layers that do not
+    prune run the fast fused (sdpa) attention. In a pruning layer the engine computes the score vector (if
     `needs_scores`) and calls `select`, which returns either
       * a bool keep mask (B, n): the engine physically removes the other tokens, or
       * float soft weights (B, n) in [0, 1]: the layer output is multiplied by them (no removal).
@@ -24,6 +24,11 @@ class TokenPruner(nn.Module):
 
     def prunes_at(self, layer: int) -> bool:
         raise NotImplementedError
+
+    def keeps_all(self, layer: int, state: TokenState) -> bool:
+        """True when layer `layer` would keep every token of this batch: the engine then skips the
+        score and runs the layer unpruned (same result, fused attention)."""
+        return False
 
     def select(self, layer: int, scores: Tensor | None, state: TokenState) -> Tensor:
         raise NotImplementedError

@@ -52,6 +52,10 @@ class LTPPruner(TokenPruner):
     def prunes_at(self, layer: int) -> bool:
         return True
 
+    def keeps_all(self, layer: int, state: TokenState) -> bool:
+        """Hard pruning with a threshold <= 0 removes nothing (scores are >= 0)."""
+        return not self.soft and bool(self.thresholds[layer] <= 0)
+
     def normalised(self, scores: Tensor) -> Tensor:
         return scores / self.reference_length
 

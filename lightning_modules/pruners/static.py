@@ -65,6 +65,9 @@ class ScheduledPruner(TokenPruner):
         ratio = self.ratios[layer]
         return torch.ceil(state.input_lengths.to(torch.float64) * ratio - 1e-9).long()
 
+    def keeps_all(self, layer: int, state: TokenState) -> bool:
+        return bool((self.keep_counts(layer, state) >= state.lengths).all())
+
     def select(self, layer: int, scores: Tensor | None, state: TokenState) -> Tensor:
         return keep_top(self.rank(scores, state), state.mask, self.keep_counts(layer, state))
 
