@@ -145,7 +145,8 @@ def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any
 def main(cfg: DictConfig) -> float:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if cfg.get("stages"):
-        results = train_stages(cfg, list(HydraConfig.get().overrides.task))
+        # unresolved: an override such as 'stages=${ltp_stages_from_finetuned}' must stay as typed
+        results = train_stages(cfg, OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
     else:
         results = train(cfg)
     return results["report"][f"test/{cfg.task.main_metric}"]

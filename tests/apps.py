@@ -1,6 +1,9 @@
-"""Helpers for tests that compose the real Hydra configs in-process."""
+"""Helpers for tests that compose the real Hydra configs in-process or run the CLI."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -27,3 +30,10 @@ def compose_app(config: str, overrides: list[str], output_dir: Path) -> DictConf
         cfg.paths.output_dir = str(output_dir)
         del cfg["hydra"]  # as in a real run: the app sees the hydra node only through HydraConfig
     return cfg
+
+
+def run_cli(app: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run `python -m <app>` (e.g. lightning_modules.train_app) offline, as a user would."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", app, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)

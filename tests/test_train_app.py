@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +9,7 @@ import pytest
 import torch
 from hydra.errors import HydraException
 
-from apps import FAST, compose_app
+from apps import FAST, compose_app, run_cli
 from lightning_modules.base import load_module
 from lightning_modules.train_app import train
 
@@ -100,16 +97,10 @@ def test_checkpoint_from_another_backbone_is_refused(topk_run, tmp_path):
         train(cfg)
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "lightning_modules.train_app", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_cli_multirun_over_pruners(tmp_path, launcher):
     args = ["-m", *FAST, "pruner=none,topk", f"paths.root={tmp_path}", f"hydra/launcher={launcher}"]
-    done = _cli(args, tmp_path)
+    done = run_cli("lightning_modules.train_app", args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted(tmp_path.glob("multirun/*/*/results.json"))
     assert [json.loads(r.read_text())["run_name"] for r in results] == ["tiny-rt_sentiment-none-s42", "tiny-rt_sentiment-topk-s42"]
