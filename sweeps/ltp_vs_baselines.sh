@@ -6,14 +6,16 @@
 #   LAMBDAS=0.02,0.05,0.1 EXTRA="backbone=bert_base task=sst2 trainer=gpu" bash sweeps/ltp_vs_baselines.sh
 #
 # 1. fine-tune 1 epoch (the start of every LTP run and of the baseline)
-# 2. unpruned baseline: 2 more epochs of fine-tuning (= LTP's soft + hard budget)
-# 3. LTP: soft stage (1 epoch) + hard stage (1 epoch) per (lambda, final threshold), from the
-#    fine-tuned checkpoint
+# 2. unpruned baseline: SOFT_EPOCHS + HARD_EPOCHS more epochs of fine-tuning (LTP's budget)
+# 3. LTP: soft stage (SOFT_EPOCHS) + hard stage (HARD_EPOCHS) per (lambda, final threshold),
+#    from the fine-tuned checkpoint
 # 4. baselines on the baseline model: top-k keep-ratio grid and manual rising-threshold grid
 # 5. python -m search.compare: one table (table.md/csv), front.png, W&B
 set -euo pipefail
-LAMBDAS=${LAMBDAS:-0.05,0.1,0.2}
-THRESHOLDS=${THRESHOLDS:-0.01}
+LAMBDAS=${LAMBDAS:-0.02,0.03,0.04,0.05}
+THRESHOLDS=${THRESHOLDS:-0.005}
+SOFT_EPOCHS=${SOFT_EPOCHS:-1}
+HARD_EPOCHS=${HARD_EPOCHS:-2}
 EXTRA=${EXTRA:-}
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs}/ltp_vs_baselines/$(date +%Y-%m-%d_%H-%M-%S)
 export WANDB_MODE=${WANDB_MODE:-offline}
@@ -23,11 +25,12 @@ latest() { ls -t $1 | head -n 1; }
 tokenprune-train run_name=finetune trainer.max_epochs=1 $EXTRA
 finetuned=$(latest "$root/train/finetune/*/checkpoints/last.ckpt")
 
-tokenprune-train run_name=baseline module.init_from="$finetuned" trainer.max_epochs=2 module.optim.lr=5e-5 $EXTRA
+tokenprune-train run_name=baseline module.init_from="$finetuned" trainer.max_epochs=$((SOFT_EPOCHS + HARD_EPOCHS)) module.optim.lr=5e-5 $EXTRA
 baseline=$(latest "$root/train/baseline/*/checkpoints/last.ckpt")
 
 tokenprune-train -m experiment=ltp 'stages=${ltp_stages_from_finetuned}' module.init_from="$finetuned" \
-  module.mask_penalty="$LAMBDAS" pruner.final_threshold="$THRESHOLDS" $EXTRA
+  module.mask_penalty="$LAMBDAS" pruner.final_threshold="$THRESHOLDS" epochs.soft="$SOFT_EPOCHS" \
+  epochs.hard="$HARD_EPOCHS" $EXTRA
 
 tokenprune-search checkpoint="$baseline" search=keep_ratio_grid
 tokenprune-search checkpoint="$baseline" search=threshold_grid
