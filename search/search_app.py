@@ -102,6 +102,8 @@ def write_outputs(cfg: DictConfig, candidates: pd.DataFrame, front: pd.DataFrame
         front = front.assign(bench=[f"tokenprune-bench checkpoint={Path(cfg.checkpoint).resolve()} checkpoint_pruner=false "
                                     f"pruner=length_adaptive 'pruner.lengths={list(g)}'" for g in front.gene])
     front.drop(columns=["pruner"]).to_csv(out / "front.csv", index=False)
+    report_curves = [curve.assign(curve=name) for name, curve in curves.items() if name != "search split"]
+    pd.concat(report_curves).drop(columns=["pruner"]).to_csv(out / "report_curves.csv", index=False)
     (out / "summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     plot = plot_fronts(curves, "score", "gflops", out / "front.png", f"{cfg.run_name}",
                        unpruned=(summary["report_unpruned_gflops"], summary["report_unpruned_score"]))

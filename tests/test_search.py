@@ -37,7 +37,7 @@ def test_grid_search_writes_front_and_resumes_from_cache(tmp_path, checkpoint):
     ratios = first["candidates"].sort_values("keep_ratio").flops_ratio.tolist()
     assert ratios == sorted(ratios) and ratios[-1] == pytest.approx(1.0)
     assert set(first["front"].split) == {"report"}
-    for name in ("candidates.csv", "front.csv", "front.png", "summary.json"):
+    for name in ("candidates.csv", "front.csv", "report_curves.csv", "front.png", "summary.json"):
         assert (tmp_path / "first" / name).is_file()
     again = run_search(search_cfg(tmp_path, checkpoint, "again"))
     assert again["cache_hits"] == again["evaluations"] and again["evaluations"] == first["evaluations"]
