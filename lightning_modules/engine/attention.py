@@ -23,20 +23,26 @@ def chunked_attention_applies(query: Tensor, dropout: float) -> bool:
     return dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
 
 
+def softmax_attention(query: Tensor, key: Tensor, additive: Tensor) -> Tensor:
+    """Attention probabilities softmax(QK^T / sqrt(d_h) + additive), (B, h, n, n)."""
+    logits = torch.matmul(query * query.shape[-1] ** -0.5, key.transpose(-1, -2)).add_(additive)
+    return torch.softmax(logits, dim=-1)
+
+
 def attention_with_scores(query: Tensor, key: Tensor, value: Tensor, additive: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Context (B, h, n, d_h) of every query row and the score vector SV (B, n).
 
     additive: (B, 1, 1, n) key mask added to the logits; mask: (B, n) bool, real tokens. Equal to
     softmax(QK^T / sqrt(d_h) + additive) @ V and score_vector(probs, mask) on the whole batch.
     """
-    batch, heads, length, head_dim = query.shape
-    step = max(1, CHUNK_ELEMENTS // (heads * length * length))
+    batch, heads, length, _ = query.shape
+    # Chunks are for CPU caches; an accelerator gets the whole batch in one launch.
+    step = max(1, CHUNK_ELEMENTS // (heads * length * length)) if query.device.type == "cpu" else batch
     context = query.new_empty(batch, heads, length, value.shape[-1])
     scores = query.new_empty(batch, length)
     for start in range(0, batch, step):
         rows = slice(start, start + step)
-        logits = torch.matmul(query[rows] * head_dim**-0.5, key[rows].transpose(-1, -2)).add_(additive[rows])
-        probs = torch.softmax(logits, dim=-1)
+        probs = softmax_attention(query[rows], key[rows], additive[rows])
         scores[rows] = score_vector(probs, mask[rows])
         torch.matmul(probs, value[rows], out=context[rows])
     return context, scores

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.engine.adapters import EncoderAdapter, LayerParts
-from lightning_modules.engine.attention import attention_with_scores, chunked_attention_applies
+from lightning_modules.engine.attention import attention_with_scores, chunked_attention_applies, softmax_attention
 from lightning_modules.engine.scoring import score_vector
 from lightning_modules.engine.state import EncoderOutput, LayerTrace, TokenState
 from lightning_modules.pruners.base import TokenPruner
@@ -134,8 +134,7 @@ class PrunableEncoder:
         if pruner.needs_scores and chunked_attention_applies(query, dropout):
             full_context, scores = attention_with_scores(query, key, value, additive, state.mask)
         elif pruner.needs_scores:
-            logits = torch.matmul(query * head_dim**-0.5, key.transpose(-1, -2)).add_(additive)
-            probs = torch.softmax(logits, dim=-1)
+            probs = softmax_attention(query, key, additive)
             scores = score_vector(probs, state.mask)
         decision = pruner.select(index, scores, state)
         scored = scores is not None
