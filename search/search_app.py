@@ -5,8 +5,10 @@
 
 Candidates are scored on the task's `search` split with physically pruned forwards; the Pareto
 front is then evaluated on the `report` split. Every evaluation is cached on disk under
-`<outputs>/search/<run_name>/cache-<digest>.jsonl` (digest of checkpoint + search config), so
-rerunning a killed search resumes without re-evaluating anything.
+`<outputs>/search/<run_name>/cache-<digest>.jsonl` (digest of the checkpoint file), keyed by split
+and pruner configuration: rerunning a killed search resumes without re-evaluating anything, and a
+longer or wider search of the same checkpoint (more iterations, other bounds) reuses every
+configuration already scored.
 """
 from __future__ import annotations
 
@@ -35,13 +37,19 @@ log = logging.getLogger(__name__)
 
 
 def cache_path(cfg: DictConfig) -> Path:
-    """Stable per (checkpoint file, search config): a rerun of the same command finds it."""
+    """One cache per checkpoint file (path, size, mtime) and run name. The search settings are not
+    part of it: a score depends only on the model, the split and the pruner configuration."""
     checkpoint = Path(cfg.checkpoint).resolve()
     stat = checkpoint.stat()
-    identity = json.dumps([str(checkpoint), stat.st_size, stat.st_mtime_ns,
-                           OmegaConf.to_container(cfg.search, resolve=True)], sort_keys=True)
+    identity = json.dumps([str(checkpoint), stat.st_size, stat.st_mtime_ns])
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return Path(cfg.paths.root) / "search" / cfg.run_name / f"cache-{digest}.jsonl"
+
+
+def cache_key(split: str, pruner_cfg: dict[str, Any]) -> str:
+    """A candidate's identity: its split and its full pruner configuration, not its display name
+    (`keep_ratio=0.5` means different pruners under different `search.pruner` settings)."""
+    return f"{split}:{json.dumps(pruner_cfg, sort_keys=True)}"
 
 
 def run_search(cfg: DictConfig) -> dict[str, Any]:
@@ -59,13 +67,13 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     main = module.hparams.task["main_metric"]
 
     def score(key: str, pruner_cfg: dict[str, Any], split: str = "search") -> dict[str, Any]:
-        cache_key = f"{split}:{key}"
-        if cache_key in store:
-            return store.get(cache_key)
+        identity = cache_key(split, pruner_cfg)
+        if identity in store:
+            return {**store.get(identity), "candidate": key}
         pruner = instantiate(pruner_cfg, num_layers=module.adapter.num_layers) if pruner_cfg.get("_target_") else None
         loader = data.val_dataloader() if split == "search" else data.test_dataloader()
         result = evaluate(module, loader, pruner, desc=f"{split} {key}")
-        return store.add(cache_key, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg})
+        return store.add(identity, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg})
 
     reference_length = int(module.hparams.task["max_length"])
     context = SearchContext(module.dims, reference_length, data.lengths["search"], score)

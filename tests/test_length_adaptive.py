@@ -119,6 +119,23 @@ def test_killed_evolution_resumes_with_same_front_and_no_repeats(tmp_path, lat_c
     assert resumed["front"].score.tolist() == straight["front"].score.tolist()
 
 
+def test_longer_evolution_scores_only_the_new_genes(tmp_path, lat_checkpoint, monkeypatch):
+    scored: list[str] = []
+    real = search_app.evaluate
+
+    def recording(*args, **kwargs):
+        scored.append(kwargs["desc"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_app, "evaluate", recording)
+    short = run_search(search_cfg(tmp_path, lat_checkpoint, "short"))
+    scored.clear()
+    longer = run_search(search_cfg(tmp_path, lat_checkpoint, "longer", ["search.iterations=5"]))
+    assert set(short["candidates"].candidate) < set(longer["candidates"].candidate)
+    searched_again = [desc for desc in scored if desc.startswith("search ")]
+    assert len(searched_again) == len(longer["candidates"]) - len(short["candidates"])
+
+
 def test_search_refuses_non_length_adaptive_checkpoint_and_tiny_budget(tmp_path, lat_checkpoint):
     plain = train(compose_app("train", [*FAST, "task.max_length=64"], tmp_path / "plain"))["last_checkpoint"]
     with pytest.raises(ValueError, match="needs a Length-Adaptive checkpoint"):
