@@ -35,6 +35,8 @@ from search.store import CandidateStore
 
 log = logging.getLogger(__name__)
 
+SEARCH_CURVE = "search split"  # every candidate, search split; the other curves are on the report split
+
 
 def cache_path(cfg: DictConfig) -> Path:
     """One cache per checkpoint file (path, size, mtime) and run name. The search settings are not
@@ -81,7 +83,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     front = pareto_front(candidates, "score", "flops_ratio")
     reported = pd.DataFrame([score(row.candidate, row.pruner, split="report") | extra_columns(row)
                              for row in front.itertuples()])
-    curves = {"search split": candidates, "front, report split": reported}
+    curves = {SEARCH_CURVE: candidates, "front, report split": reported}
     if cfg.compare_constant_ratios:
         baseline = ConstantRatioSearch(list(cfg.compare_constant_ratios)).run(context)
         curves["constant ratio, report split"] = pd.DataFrame(
@@ -110,7 +112,7 @@ def write_outputs(cfg: DictConfig, candidates: pd.DataFrame, front: pd.DataFrame
         front = front.assign(bench=[f"tokenprune-bench checkpoint={Path(cfg.checkpoint).resolve()} checkpoint_pruner=false "
                                     f"pruner=length_adaptive 'pruner.lengths={list(g)}'" for g in front.gene])
     front.drop(columns=["pruner"]).to_csv(out / "front.csv", index=False)
-    report_curves = [curve.assign(curve=name) for name, curve in curves.items() if name != "search split"]
+    report_curves = [curve.assign(curve=name) for name, curve in curves.items() if name != SEARCH_CURVE]
     pd.concat(report_curves).drop(columns=["pruner"]).to_csv(out / "report_curves.csv", index=False)
     (out / "summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     plot = plot_fronts(curves, "score", "gflops", out / "front.png", f"{cfg.run_name}",
