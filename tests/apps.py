@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+
+import search.search_app as search_app
 
 # Small and fast: tiny random-weight backbone on the offline default task, few batches.
 FAST = [
@@ -37,3 +40,22 @@ def run_cli(app: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", app, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+def record_search_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make tokenprune-search append each real evaluation's description ("<split> <candidate>")
+    to the returned list, so tests can see which candidates were scored rather than cached."""
+    scored: list[str] = []
+    real = search_app.evaluate
+
+    def recording(*args, **kwargs):
+        scored.append(kwargs["desc"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_app, "evaluate", recording)
+    return scored
+
+
+def searched(scored: list[str]) -> list[str]:
+    """The search-split entries of `record_search_evaluations`'s list."""
+    return [desc for desc in scored if desc.startswith("search ")]

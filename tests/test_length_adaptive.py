@@ -8,7 +8,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence, Value
 
 import search.search_app as search_app
-from apps import FAST, compose_app
+from apps import FAST, compose_app, record_search_evaluations, searched
 from conftest import random_batch, tiny_model
 from lightning_modules.length_adaptive import distillation_loss
 from lightning_modules.pruners.length import LengthConfigPruner, check_gene, constant_ratio_gene, sample_gene, smallest_gene
@@ -120,20 +120,12 @@ def test_killed_evolution_resumes_with_same_front_and_no_repeats(tmp_path, lat_c
 
 
 def test_longer_evolution_scores_only_the_new_genes(tmp_path, lat_checkpoint, monkeypatch):
-    scored: list[str] = []
-    real = search_app.evaluate
-
-    def recording(*args, **kwargs):
-        scored.append(kwargs["desc"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(search_app, "evaluate", recording)
+    scored = record_search_evaluations(monkeypatch)
     short = run_search(search_cfg(tmp_path, lat_checkpoint, "short"))
     scored.clear()
     longer = run_search(search_cfg(tmp_path, lat_checkpoint, "longer", ["search.iterations=5"]))
     assert set(short["candidates"].candidate) < set(longer["candidates"].candidate)
-    searched_again = [desc for desc in scored if desc.startswith("search ")]
-    assert len(searched_again) == len(longer["candidates"]) - len(short["candidates"])
+    assert len(searched(scored)) == len(longer["candidates"]) - len(short["candidates"])
 
 
 def test_search_refuses_non_length_adaptive_checkpoint_and_tiny_budget(tmp_path, lat_checkpoint):

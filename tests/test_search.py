@@ -6,8 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-import search.search_app as search_app
-from apps import FAST, compose_app
+from apps import FAST, compose_app, record_search_evaluations, searched
 from lightning_modules.train_app import train
 from search.pareto import hypervolume, pareto_front
 from search.search_app import cache_path, run_search
@@ -58,21 +57,14 @@ def test_killed_search_reevaluates_only_what_is_missing(tmp_path, checkpoint):
 
 
 def test_cache_is_shared_by_pruner_configuration_not_by_name(tmp_path, checkpoint, monkeypatch):
-    scored: list[str] = []
-    real = search_app.evaluate
-
-    def recording(*args, **kwargs):
-        scored.append(kwargs["desc"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(search_app, "evaluate", recording)
+    scored = record_search_evaluations(monkeypatch)
     run_search(search_cfg(tmp_path, checkpoint, "first"))
     scored.clear()
     run_search(search_cfg(tmp_path, checkpoint, "wider", ["search.values=[0.3,0.45,0.6,1.0]"]))
-    assert [desc for desc in scored if desc.startswith("search ")] == ["search keep_ratio=0.45"]
+    assert searched(scored) == ["search keep_ratio=0.45"]
     scored.clear()
     run_search(search_cfg(tmp_path, checkpoint, "other_pruner", ["search.pruner.start_layer=2"]))
-    assert len([desc for desc in scored if desc.startswith("search ")]) == 3, "same names, other pruner: all new"
+    assert len(searched(scored)) == 3, "same names, other pruner: all new"
 
 
 def test_bad_search_settings(tmp_path, checkpoint):
