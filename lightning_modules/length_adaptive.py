@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.base import TokenPruningModule
+from lightning_modules.pruners.base import check_choice
 from lightning_modules.pruners.length import LengthConfigPruner, check_drop_prob, sample_gene, smallest_gene
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,12 @@ class LengthAdaptiveModule(TokenPruningModule):
         init_from: str | None = None,
         compare_unpruned: bool = True,
     ) -> None:
-        if stage not in STAGES:
-            raise ValueError(f"module.stage={stage} is not one of: {', '.join(STAGES)}")
+        check_choice("module.stage", stage, STAGES)
         check_drop_prob("module.length_drop", length_drop)
         check_drop_prob("module.layer_drop", layer_drop)
         if num_sandwich < 0:
             raise ValueError(f"module.num_sandwich={num_sandwich} must be >= 0")
-        if kd_direction not in KD_DIRECTIONS:
-            raise ValueError(f"module.kd_direction={kd_direction} is not one of: {', '.join(KD_DIRECTIONS)}")
+        check_choice("module.kd_direction", kd_direction, KD_DIRECTIONS)
         super().__init__(backbone, task, pruner, optim, compare_unpruned, init_from=init_from)
         if not isinstance(self.pruner, LengthConfigPruner):
             raise ValueError(f"module=length_adaptive needs pruner=length_adaptive, got {type(self.pruner).__name__}")

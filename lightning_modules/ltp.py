@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_modules.base import TokenPruningModule, read_checkpoint
+from lightning_modules.pruners.base import check_choice
 from lightning_modules.pruners.ltp import LTPPruner
 
 STAGES = ("finetune", "soft", "hard")
@@ -34,8 +35,7 @@ class LTPModule(TokenPruningModule):
         init_from: str | None = None,
         compare_unpruned: bool = True,
     ) -> None:
-        if stage not in STAGES:
-            raise ValueError(f"module.stage={stage} is not one of: {', '.join(STAGES)}")
+        check_choice("module.stage", stage, STAGES)
         if mask_penalty < 0:
             raise ValueError(f"module.mask_penalty={mask_penalty} must be >= 0 (lambda; the paper uses 0.01 .. 0.2)")
         if not threshold_lr > 0:

@@ -24,6 +24,7 @@ from lightning_modules.backbones import assert_same_backbone, load_config, usabl
 from lightning_modules.base import read_checkpoint
 from lightning_modules.callbacks import StepSeed
 from lightning_modules.instantiation import plain_errors
+from lightning_modules.pruners.base import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ def validate(cfg: DictConfig) -> None:
             f"task.max_length={cfg.task.max_length} is outside (1, {limit}]: backbone={cfg.backbone.name} "
             f"has {limit} usable positions"
         )
-    if cfg.report_on not in ("last", "best"):
-        raise ValueError(f"report_on={cfg.report_on} is not one of: last, best")
+    check_choice("report_on", cfg.report_on, ("last", "best"))
     if cfg.trainer.max_epochs is not None and cfg.trainer.max_epochs < 1:
         raise ValueError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
 

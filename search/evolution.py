@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lightning_modules.pruners.length import Gene, constant_ratio_gene, smallest_gene
+from lightning_modules.pruners.base import check_range
+from lightning_modules.pruners.length import Gene, check_drop_prob, constant_ratio_gene, smallest_gene
 from search.context import SearchContext
 from search.pareto import hypervolume, pareto_front
 
@@ -63,8 +64,8 @@ class EvolutionarySearch:
                 raise ValueError(f"search.{name}={value} must be >= 1")
         if mutations < 0 or crossovers < 0 or mutations + crossovers == 0:
             raise ValueError(f"search.mutations={mutations}, search.crossovers={crossovers}: need >= 0 and a positive sum")
-        if not 0 < mutation_prob <= 1:
-            raise ValueError(f"search.mutation_prob={mutation_prob} is outside (0, 1]")
+        check_range("search.mutation_prob", mutation_prob, 0.0, 1.0, low_open=True)
+        check_drop_prob("search.length_drop", length_drop)
         if not 0 <= flops_min < flops_max:
             raise ValueError(f"search.flops_min={flops_min} must be >= 0 and below search.flops_max={flops_max}")
         self.iterations, self.mutations, self.crossovers = iterations, mutations, crossovers

@@ -66,7 +66,7 @@ def lat_checkpoint(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("module.length_drop=1.0", "module.length_drop=1.0 is outside"), ("module.layer_drop=-0.1", "module.layer_drop=-0.1"),
+    [("module.length_drop=1.0", r"module.length_drop=1.0 is outside the allowed range \[0.0, 1.0\)"), ("module.layer_drop=-0.1", "module.layer_drop=-0.1"),
      ("module.kd_direction=sideways", "module.kd_direction=sideways is not one of: forward, reverse"),
      ("pruner.lengths=[50,60,10]", "must be non-increasing"), ("pruner.lengths=[100,50,10]", r"in \[1, 64\]")],
 )
@@ -134,6 +134,17 @@ def test_search_refuses_non_length_adaptive_checkpoint_and_tiny_budget(tmp_path,
         run_search(search_cfg(tmp_path, plain, "x"))
     with pytest.raises(ValueError, match="search.flops_max=0.01 is below the smallest length configuration"):
         run_search(search_cfg(tmp_path, lat_checkpoint, "y", ["search.flops_max=0.01"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("search.length_drop=1.0", r"search.length_drop=1.0 is outside the allowed range \[0.0, 1.0\)"),
+     ("search.mutation_prob=0", r"search.mutation_prob=0 is outside the allowed range \(0.0, 1.0\]"),
+     ("search.iterations=0", "search.iterations=0 must be >= 1")],
+)
+def test_bad_evolution_settings(tmp_path, lat_checkpoint, override, message):
+    with pytest.raises(ValueError, match=message):
+        run_search(search_cfg(tmp_path, lat_checkpoint, "bad", [override]))
 
 
 def _token_task(path) -> str:

@@ -1,6 +1,8 @@
 """The pruner interface the engine calls once per layer."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from lightning_modules.engine.state import TokenState
@@ -34,9 +36,16 @@ class TokenPruner(nn.Module):
         raise NotImplementedError
 
 
-def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    """Raise a ValueError naming the setting when `value` is outside [low, high] (or (low, high])."""
+def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise a ValueError naming the setting when `value` is outside [low, high] (open ends as asked)."""
     below = value <= low if low_open else value < low
-    if below or value > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name}={value} is outside the allowed range {bracket}{low}, {high}]")
+    above = value >= high if high_open else value > high
+    if below or above:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value} is outside the allowed range {interval}")
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise a ValueError naming the setting and the allowed values when `value` is not one of them."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value} is not one of: {', '.join(allowed)}")

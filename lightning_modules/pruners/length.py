@@ -69,4 +69,4 @@ class LengthConfigPruner(TopKPruner):
 
 def check_drop_prob(name: str, value: float) -> None:
     """LengthDrop / LayerDrop probabilities live in [0, 1)."""
-    check_range(name, value, 0.0, 0.999999)
+    check_range(name, value, 0.0, 1.0, high_open=True)
