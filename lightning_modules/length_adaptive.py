@@ -5,7 +5,9 @@ each training step applies the sandwich rule with inplace distillation: the full
 the labels; the smallest sub-model (every layer keeps ceil((1-p) * previous length)) and
 `num_sandwich` random sub-models (LengthDrop lengths, LayerDrop-skipped layers) learn from the
 full model's detached logits; the losses are summed and divided by num_sandwich + 2 as in the
-reference code. Token-level tasks use Drop-and-Restore (the engine restores full-length outputs).
+reference code. Sub-model lengths start from the batch's padded length, as the reference's started
+from max_seq_length (with `pruner.length_unit=fraction`, from task.max_length). Token-level tasks
+use Drop-and-Restore (the engine restores full-length outputs).
 """
 from __future__ import annotations
 
@@ -78,16 +80,15 @@ class LengthAdaptiveModule(TokenPruningModule):
                         "checkpoint (tokenprune-train pruner=none); training from the pretrained backbone instead")
         super().setup(stage)
 
-    def sub_models(self) -> list[tuple[LengthConfigPruner, set[int]]]:
-        """The smallest sub-model, then num_sandwich LengthDrop + LayerDrop samples."""
-        hp, layers, reference = self.hparams, self.adapter.num_layers, self.pruner.reference_length
+    def sub_models(self, attention_mask: Tensor) -> list[tuple[LengthConfigPruner, set[int]]]:
+        """The smallest sub-model, then num_sandwich LengthDrop + LayerDrop samples, for one batch."""
+        hp, layers, pruner = self.hparams, self.adapter.num_layers, self.pruner
+        start = pruner.reference_length if pruner.length_unit == "fraction" else int(attention_mask.sum(dim=1).max())
         rng = random.Random(int(torch.randint(2**31, ())))
-        smallest = LengthConfigPruner(layers, smallest_gene(layers, reference, hp.length_drop), reference)
-        models = [(smallest, set())]
+        models = [(pruner.with_gene(smallest_gene(layers, start, hp.length_drop)), set())]
         for _ in range(hp.num_sandwich):
-            gene = sample_gene(layers, reference, hp.length_drop, rng)
             skipped = {layer for layer in range(layers) if rng.random() < hp.layer_drop}
-            models.append((LengthConfigPruner(layers, gene, reference), skipped))
+            models.append((pruner.with_gene(sample_gene(layers, start, hp.length_drop, rng, skipped)), skipped))
         return models
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
@@ -98,7 +99,7 @@ class LengthAdaptiveModule(TokenPruningModule):
             return full_loss
         teacher = logits.detach()
         distill = torch.zeros((), device=logits.device)
-        for pruner, skipped in self.sub_models():
+        for pruner, skipped in self.sub_models(batch["attention_mask"]):
             student, _ = self(batch, pruner=pruner, skip_layers=skipped)
             distill = distill + distillation_loss(student, teacher, self.hparams.kd_direction, self.regression)
         loss = (full_loss + distill) / (self.hparams.num_sandwich + 2)

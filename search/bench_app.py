@@ -3,6 +3,7 @@
     tokenprune-bench                                        # MiniLM-L6, topk keep 0.5 from layer 2
     tokenprune-bench batch_sizes=[1,32] lengths=[64,128,256] pruner=spatten
     tokenprune-bench checkpoint=outputs/train/.../checkpoints/last.ckpt
+    tokenprune-bench checkpoint=... 'lengths=[report]'        # the task's report split at real lengths
 
 Variants, all on the same packed real-text batch: `hf_sdpa` (the stock HF model with fused
 attention, the reference), `engine_unpruned` (the engine's own loop, no pruner) and
@@ -21,11 +22,13 @@ import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from transformers import AutoTokenizer
 
 from lightning_modules.backbones import tokenizer_location
 from lightning_modules.base import TokenPruningModule, load_module
 from lightning_modules.instantiation import plain_errors
+from search.evaluate import datamodule_for
 from search.flops import encoder_macs, unpruned_macs
 from search.throughput import measure, packed_batch
 
@@ -44,34 +47,48 @@ def bench_module(cfg: DictConfig) -> TokenPruningModule:
     return module.eval()
 
 
+REPORT_SPLIT = "report"  # a `lengths` entry: the task's report split at its real lengths
+
+
+def bench_batches(module: TokenPruningModule, texts: list[str], batch_size: int, length: int | str) -> list[dict[str, Tensor]]:
+    """One packed real-text batch of `length` tokens per row, or (length == "report") the module's
+    task report split at its real lengths, length-sorted and padded per batch as evaluation does."""
+    backbone = module.hparams.backbone
+    if length == REPORT_SPLIT:
+        loader = datamodule_for(module, batch_size).test_dataloader()
+        return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]
+    limit = module.adapter.max_positions
+    if isinstance(length, str) or not 2 < length <= limit:
+        raise ValueError(f"lengths entry {length} must be an int in (2, {limit}] for backbone={backbone['name']} "
+                         f"or '{REPORT_SPLIT}'")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(backbone))
+    return [packed_batch(tokenizer, texts, batch_size, length)]
+
+
 def run_bench(cfg: DictConfig) -> pd.DataFrame:
     """Measure every (batch size, length) cell; one row per variant."""
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     module = bench_module(cfg).to(device)
-    backbone = module.hparams.backbone
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(backbone))
     texts = [row for row in instantiate(cfg.task.source)()["report"][cfg.task.text_columns[0]] if row]
     module.model.set_attn_implementation("sdpa")
-    limit = module.adapter.max_positions
     rows: list[dict[str, Any]] = []
     for batch_size in cfg.batch_sizes:
         for length in cfg.lengths:
-            if not 2 < length <= limit:
-                raise ValueError(f"lengths entry {length} is outside (2, {limit}] for backbone={backbone['name']}")
-            batch = {k: v.to(device) for k, v in packed_batch(tokenizer, texts, batch_size, length).items()}
+            batches = [{k: v.to(device) for k, v in batch.items()} for batch in bench_batches(module, texts, batch_size, length)]
             with torch.inference_mode():
-                trace = module(batch, pruner=module.pruner)[1].trace
-            lengths = batch["attention_mask"].sum(dim=1)
-            flops_speedup = float(unpruned_macs(module.dims, lengths).sum() / encoder_macs(module.dims, trace).sum())
+                traces = [module(batch, pruner=module.pruner)[1].trace for batch in batches]
+            full = sum(float(unpruned_macs(module.dims, b["attention_mask"].sum(dim=1)).sum()) for b in batches)
+            flops_speedup = full / sum(float(encoder_macs(module.dims, trace).sum()) for trace in traces)
+            kept = [torch.cat([trace[layer].n_out for trace in traces]).float().mean() for layer in range(len(traces[0]))]
             timings = measure(
                 {
-                    "hf_sdpa": lambda: module.model(**batch),
-                    "engine_unpruned": lambda: module(batch),
-                    "engine_pruned": lambda: module(batch, pruner=module.pruner),
+                    "hf_sdpa": lambda: [module.model(**batch) for batch in batches],
+                    "engine_unpruned": lambda: [module(batch) for batch in batches],
+                    "engine_pruned": lambda: [module(batch, pruner=module.pruner) for batch in batches],
                 },
-                batch_size, device, cfg.warmup, cfg.repeats,
+                sum(len(batch["input_ids"]) for batch in batches), device, cfg.warmup, cfg.repeats,
             )
             reference = timings["hf_sdpa"]["seq_per_s"]
             for variant, timing in timings.items():
@@ -82,7 +99,7 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
                     "seq_per_s": timing["seq_per_s"], "spread": timing["spread"], "speedup": speedup,
                     "flops_speedup": flops_speedup if pruned else 1.0,
                     "speedup_over_flops_speedup": speedup / (flops_speedup if pruned else 1.0),
-                    "kept_tokens": [round(float(t.n_out.float().mean()), 1) for t in trace] if pruned else None,
+                    "kept_tokens": [round(float(k), 1) for k in kept] if pruned else None,
                 })
     return pd.DataFrame(rows)
 

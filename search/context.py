@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_modules.pruners.length import Gene
+from lightning_modules.pruners.length import Gene, LengthConfigPruner, smallest_gene
 from search.flops import EncoderDims, layer_macs, unpruned_macs
 
 PRUNER_TARGET = "lightning_modules.pruners.length.LengthConfigPruner"
@@ -15,36 +15,56 @@ PRUNER_TARGET = "lightning_modules.pruners.length.LengthConfigPruner"
 
 @dataclass
 class SearchContext:
-    """What a strategy needs from the app: model sizes, the search split's real lengths, and a
-    cached scorer `score(key, pruner_config) -> record`."""
+    """What a strategy needs from the app: model sizes, the search split's real lengths, the
+    checkpoint's length pruner (how a gene applies to an example) and a cached scorer
+    `score(key, pruner_config) -> record`."""
 
     dims: EncoderDims
-    reference_length: int
+    template: LengthConfigPruner
     lengths: Sequence[int]
     score: Callable[[str, dict[str, Any]], dict[str, Any]]
     history: list[dict[str, float]] = field(default_factory=list)
     _flops: dict[Gene, float] = field(default_factory=dict)
 
+    @property
+    def max_length(self) -> int:
+        """The largest gene entry worth searching: with `tokens` lengths, anything at or above the
+        longest search-split example keeps every token."""
+        reference = self.template.reference_length
+        return min(reference, max(self.lengths)) if self.template.length_unit == "tokens" else reference
+
     def gene_flops(self, gene: Gene) -> float:
         """Relative FLOPs of `gene` on the search split (analytic, real lengths, no forward)."""
         if gene not in self._flops:
-            self._flops[gene] = self._gene_flops(gene)
+            self._flops[gene] = self.pruner_flops(self.template.with_gene(gene))
         return self._flops[gene]
 
-    def _gene_flops(self, gene: Gene) -> float:
-        n = torch.as_tensor(list(self.lengths), dtype=torch.float64)
-        total, current, previous_ratio = torch.zeros_like(n), n, 1.0
-        for length in gene:
-            ratio = length / self.reference_length
-            kept = torch.clamp(torch.ceil(n * ratio - 1e-9), min=1) if ratio < previous_ratio else current
-            kept = torch.minimum(kept, current)
-            scored = ratio < previous_ratio
-            total = total + layer_macs(self.dims, current, current, kept, self.dims.num_heads, scored)
-            current, previous_ratio = kept, min(ratio, previous_ratio)
+    def sandwich_floor_flops(self, drop_prob: float) -> float:
+        """Relative FLOPs of the smallest sub-model sandwich training saw: every example keeps
+        ceil((1-p) * previous) of its tokens per layer (the sandwich starts from each batch's padded
+        length, which length-bucketed batches keep close to every example's own length)."""
+        reference = self.template.reference_length
+        gene = smallest_gene(self.dims.num_layers, reference, drop_prob)
+        return self.pruner_flops(LengthConfigPruner(self.dims.num_layers, gene, reference, "fraction"))
+
+    def pruner_flops(self, pruner: LengthConfigPruner) -> float:
+        """Relative FLOPs of `pruner` on the search split, per example: a layer that removes
+        tokens of an example also pays for its score vector."""
+        n = torch.as_tensor(list(self.lengths))
+        total, current = torch.zeros(n.shape, dtype=torch.float64), n
+        for layer in range(self.dims.num_layers):
+            kept = torch.minimum(pruner.keep_counts(layer, n), current)
+            scored = kept < current
+            layer_cost = layer_macs(self.dims, current, current, kept, self.dims.num_heads, scored=True)
+            plain_cost = layer_macs(self.dims, current, current, kept, self.dims.num_heads)
+            total = total + torch.where(scored, layer_cost, plain_cost)
+            current = kept
         return float(total.sum() / unpruned_macs(self.dims, n).sum())
 
     def evaluate(self, gene: Gene, origin: str, parents: Sequence[Gene] = ()) -> dict[str, Any]:
-        config = {"_target_": PRUNER_TARGET, "lengths": list(gene), "reference_length": self.reference_length}
+        template = self.template
+        config = {"_target_": PRUNER_TARGET, "lengths": list(gene), "reference_length": template.reference_length,
+                  "length_unit": template.length_unit}
         record = self.score(f"lengths={list(gene)}", config)
         return {**record, "gene": list(gene), "origin": record.get("origin", origin),
                 "parents": record.get("parents", [list(p) for p in parents])}

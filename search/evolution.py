@@ -2,11 +2,13 @@
 
 EvolutionarySearch is the paper's multi-objective evolutionary search (details as in the reference
 code, DESIGN.md s.5): the initial population holds constant-ratio genes spread evenly in FLOPs
-plus the smallest (sandwich) and the full gene; each of G iterations keeps the Pareto front of
-everything evaluated and adds n_m mutations (each layer resampled with probability p inside the
-bounds that keep the gene non-increasing) and n_c crossovers (element-wise ceil of the mean of
-two front genes); only genes inside the FLOPs bounds are evaluated. ConstantRatioSearch is the
-paper's Figure-2 baseline: the same model at constant keep ratios.
+from the sandwich's smallest sub-model (with `fraction` lengths, the smallest gene itself) to the
+full model, plus the full gene; each of G iterations keeps the Pareto front of everything
+evaluated and adds n_m mutations (each layer resampled with probability p inside the bounds that
+keep the gene non-increasing) and n_c crossovers (element-wise ceil of the mean of two front
+genes); only genes inside the FLOPs bounds are evaluated. Gene entries range over
+[1, context.max_length]. ConstantRatioSearch is the paper's Figure-2 baseline: the same model at
+constant keep ratios.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lightning_modules.pruners.base import check_range
-from lightning_modules.pruners.length import Gene, check_drop_prob, constant_ratio_gene, smallest_gene
+from lightning_modules.pruners.length import Gene, check_drop_prob, constant_ratio_gene
 from search.context import SearchContext
 from search.pareto import hypervolume, pareto_front
 
@@ -37,7 +39,7 @@ class ConstantRatioSearch:
     def run(self, context: SearchContext) -> list[dict[str, Any]]:
         layers = context.dims.num_layers
         return [
-            context.evaluate(constant_ratio_gene(layers, context.reference_length, r), "constant_ratio") | {"ratio": r}
+            context.evaluate(constant_ratio_gene(layers, context.max_length, r), "constant_ratio") | {"ratio": r}
             for r in self.ratios
         ]
 
@@ -73,26 +75,24 @@ class EvolutionarySearch:
         self.flops_min, self.flops_max, self.seed = flops_min, flops_max, seed
 
     def initial_population(self, context: SearchContext) -> list[Gene]:
-        layers, reference = context.dims.num_layers, context.reference_length
-        smallest = smallest_gene(layers, reference, self.length_drop)
-        smallest_flops = context.gene_flops(smallest)
+        layers, longest = context.dims.num_layers, context.max_length
+        smallest_flops = context.sandwich_floor_flops(self.length_drop)
         if self.flops_max < smallest_flops:
             raise ValueError(f"search.flops_max={self.flops_max} is below the smallest length configuration's "
                              f"relative FLOPs ({smallest_flops:.3f}); raise it or lower search.length_drop")
         ratios = np.linspace(0.0, 1.0, 201)[1:]
-        genes = {constant_ratio_gene(layers, reference, float(r)) for r in ratios}
+        genes = {constant_ratio_gene(layers, longest, float(r)) for r in ratios}
         scored = sorted((context.gene_flops(g), g) for g in genes)
         low, high = max(self.flops_min, smallest_flops), min(self.flops_max, 1.0)
         targets = np.linspace(low, high, self.population)
         chosen = [min(scored, key=lambda item: abs(item[0] - target))[1] for target in targets]
-        full = (reference,) * layers
-        return list(dict.fromkeys([smallest, *chosen, full]))
+        return list(dict.fromkeys([*chosen, (longest,) * layers]))
 
-    def mutate(self, gene: Gene, rng: random.Random, reference: int) -> Gene:
+    def mutate(self, gene: Gene, rng: random.Random, longest: int) -> Gene:
         child = list(gene)
         for i in range(len(child)):
             if rng.random() < self.mutation_prob:
-                upper = child[i - 1] if i > 0 else reference
+                upper = child[i - 1] if i > 0 else longest
                 lower = child[i + 1] if i + 1 < len(child) else 1
                 child[i] = rng.randint(lower, upper)
         return tuple(child)
@@ -106,10 +106,10 @@ class EvolutionarySearch:
 
     def run(self, context: SearchContext) -> list[dict[str, Any]]:
         rng = random.Random(self.seed)
-        reference = context.reference_length
+        longest = context.max_length
         evaluated: dict[Gene, dict[str, Any]] = {}
         for gene in self.initial_population(context):
-            if self.within_bounds(gene, context) or gene == (reference,) * len(gene):
+            if self.within_bounds(gene, context) or gene == (longest,) * len(gene):
                 evaluated[gene] = context.evaluate(gene, "initial")
         for iteration in range(self.iterations):
             table = pd.DataFrame([r for g, r in evaluated.items() if self.within_bounds(g, context)])
@@ -122,7 +122,7 @@ class EvolutionarySearch:
                     for _attempt in range(100):
                         if kind == "mutation":
                             parents = (rng.choice(front),)
-                            child = self.mutate(parents[0], rng, reference)
+                            child = self.mutate(parents[0], rng, longest)
                         else:
                             parents = (rng.choice(front), rng.choice(front))
                             child = self.crossover(*parents)

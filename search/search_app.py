@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.base import load_module
 from lightning_modules.instantiation import plain_errors
+from lightning_modules.pruners.length import LengthConfigPruner
 from search.evaluate import datamodule_for, evaluate
 from search.context import SearchContext
 from search.evolution import ConstantRatioSearch
@@ -77,8 +78,9 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         result = evaluate(module, loader, pruner, desc=f"{split} {key}")
         return store.add(identity, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg})
 
-    reference_length = int(module.hparams.task["max_length"])
-    context = SearchContext(module.dims, reference_length, data.lengths["search"], score)
+    template = module.pruner if isinstance(module.pruner, LengthConfigPruner) else \
+        LengthConfigPruner(module.adapter.num_layers, reference_length=int(module.hparams.task["max_length"]))
+    context = SearchContext(module.dims, template, data.lengths["search"], score)
     candidates = pd.DataFrame(strategy.run(context))
     front = pareto_front(candidates, "score", "flops_ratio")
     reported = pd.DataFrame([score(row.candidate, row.pruner, split="report") | extra_columns(row)
@@ -110,7 +112,8 @@ def write_outputs(cfg: DictConfig, candidates: pd.DataFrame, front: pd.DataFrame
     candidates.drop(columns=["pruner"]).to_csv(out / "candidates.csv", index=False)
     if "gene" in front:
         front = front.assign(bench=[f"tokenprune-bench checkpoint={Path(cfg.checkpoint).resolve()} checkpoint_pruner=false "
-                                    f"pruner=length_adaptive 'pruner.lengths={list(g)}'" for g in front.gene])
+                                    f"pruner=length_adaptive 'pruner.lengths={list(g)}' "
+                                    f"pruner.length_unit={p['length_unit']}" for g, p in zip(front.gene, front.pruner)])
     front.drop(columns=["pruner"]).to_csv(out / "front.csv", index=False)
     report_curves = [curve.assign(curve=name) for name, curve in curves.items() if name != SEARCH_CURVE]
     pd.concat(report_curves).drop(columns=["pruner"]).to_csv(out / "report_curves.csv", index=False)

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from apps import compose_app
 from lightning_modules.backbones import tokenizer_location
-from search.bench_app import run_bench, write_outputs
+from search.bench_app import bench_module, run_bench, write_outputs
+from search.evaluate import datamodule_for
 from search.throughput import packed_batch
 
 
@@ -38,7 +39,7 @@ def test_bench_table_and_outputs(tmp_path):
 
 def test_bench_refuses_lengths_beyond_positions(tmp_path):
     cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "lengths=[500]", "pruner=topk"], tmp_path / "bench")
-    with pytest.raises(ValueError, match="lengths entry 500 is outside"):
+    with pytest.raises(ValueError, match=r"lengths entry 500 must be an int in \(2, 128\] for backbone=tiny or 'report'"):
         run_bench(cfg)
 
 
@@ -50,3 +51,13 @@ def test_training_step_bench_compares_ltp_stages(tmp_path):
     table = run_training_bench(cfg)
     assert table.stage.tolist() == ["finetune", "soft"] and (table.step_s > 0).all()
     assert table.relative_to_first.iloc[0] == 1.0
+
+
+def test_bench_on_the_report_split_at_real_lengths(tmp_path):
+    cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "batch_sizes=[256]", "lengths=[report]", "repeats=1",
+                                "warmup=0", "pruner=length_adaptive", "pruner.lengths=[20,10,5]"], tmp_path / "bench")
+    table = run_bench(cfg)
+    pruned = table[table.variant == "engine_pruned"].iloc[0]
+    lengths = torch.tensor(datamodule_for(bench_module(cfg)).lengths["report"]).float()
+    assert pruned.kept_tokens == [round(float(lengths.clamp(max=cap).mean()), 1) for cap in (20, 10, 5)]
+    assert pruned.flops_speedup > 1.5 and pruned.length == "report"

@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence, Value
 
 import search.search_app as search_app
@@ -12,7 +13,12 @@ from apps import FAST, compose_app, record_search_evaluations, searched
 from conftest import random_batch, tiny_model
 from lightning_modules.length_adaptive import distillation_loss
 from lightning_modules.pruners.length import LengthConfigPruner, check_gene, constant_ratio_gene, sample_gene, smallest_gene
+from lightning_modules.base import load_module
+from lightning_modules.engine import PrunableEncoder
 from lightning_modules.train_app import train
+from search.context import SearchContext
+from search.evaluate import datamodule_for
+from search.flops import EncoderDims, encoder_macs, unpruned_macs
 from search.search_app import run_search
 
 LAT = [*FAST, "pruner=length_adaptive", "module=length_adaptive", "task.max_length=64"]
@@ -30,6 +36,24 @@ def test_length_drop_samples_non_increasing_genes_within_bounds():
     assert constant_ratio_gene(3, 10, 0.5) == (5, 3, 2)
 
 
+def test_layer_drop_skipped_layers_keep_the_previous_length():
+    rng = random.Random(0)
+    for _ in range(50):
+        gene = sample_gene(6, 100, 0.5, rng, skipped={0, 3})
+        assert gene[0] == 100 and gene[3] == gene[2]
+
+
+def test_sandwich_lengths_start_from_the_batch_padded_length(tmp_path):
+    module = instantiate_module(tmp_path, ["module.length_drop=0.3", "module.num_sandwich=5"])
+    mask = torch.zeros(2, 64, dtype=torch.long)
+    mask[0, :40], mask[1, :25] = 1, 1
+    models = module.sub_models(mask)
+    assert models[0][0].gene == smallest_gene(3, 40, 0.3) and len(models) == 6
+    assert all(max(pruner.gene) <= 40 and pruner.length_unit == "tokens" for pruner, _ in models)
+    fraction = instantiate_module(tmp_path, ["pruner.length_unit=fraction"])
+    assert fraction.sub_models(mask)[0][0].gene == smallest_gene(3, 64, 0.2), "fraction lengths start from task.max_length"
+
+
 @pytest.mark.parametrize(("gene", "message"), [((10, 12, 8), "non-increasing"), ((200, 100, 50), r"in \[1, 128\]"),
                                                ((10, 8), "has 2 entries")])
 def test_hand_written_genes_are_checked(gene, message):
@@ -37,14 +61,21 @@ def test_hand_written_genes_are_checked(gene, message):
         check_gene(gene, 3, 128)
 
 
-def test_gene_keeps_the_same_fraction_of_every_example():
+@pytest.mark.parametrize(("unit", "kept"), [("tokens", [[20, 15, 10], [10, 10, 10], [5, 5, 5]]),
+                                           ("fraction", [[20, 15, 10], [10, 8, 5], [5, 4, 3]])])
+def test_gene_lengths_are_token_caps_or_fractions(unit, kept):
     _, adapter = tiny_model("bert")
-    from lightning_modules.engine import PrunableEncoder
-
-    ids, mask = random_batch(batch=3, length=20)
+    ids, mask = random_batch(batch=3, length=20)  # 20, 15, 10 real tokens
+    pruner = LengthConfigPruner(3, [20, 10, 5], reference_length=20, length_unit=unit)
     with torch.no_grad():
-        out = PrunableEncoder(adapter)(ids, mask, pruner=LengthConfigPruner(3, [20, 10, 5], reference_length=20))
-    assert [t.n_out.tolist() for t in out.trace] == [[20, 15, 10], [10, 8, 5], [5, 4, 3]]
+        out = PrunableEncoder(adapter)(ids, mask, pruner=pruner)
+    assert [t.n_out.tolist() for t in out.trace] == kept
+    assert out.hidden.shape[1] == max(kept[-1]), "pruned tokens are physically removed"
+
+
+def instantiate_module(tmp_path, overrides: list[str]):
+    """The Length-Adaptive module the LAT test config builds (tiny backbone, 3 layers)."""
+    return instantiate(compose_app("train", [*LAT, *overrides], tmp_path / "module").module)
 
 
 def test_distillation_directions_differ_and_vanish_at_the_teacher():
@@ -68,7 +99,8 @@ def lat_checkpoint(tmp_path_factory) -> str:
     ("override", "message"),
     [("module.length_drop=1.0", r"module.length_drop=1.0 is outside the allowed range \[0.0, 1.0\)"), ("module.layer_drop=-0.1", "module.layer_drop=-0.1"),
      ("module.kd_direction=sideways", "module.kd_direction=sideways is not one of: forward, reverse"),
-     ("pruner.lengths=[50,60,10]", "must be non-increasing"), ("pruner.lengths=[100,50,10]", r"in \[1, 64\]")],
+     ("pruner.lengths=[50,60,10]", "must be non-increasing"), ("pruner.lengths=[100,50,10]", r"in \[1, 64\]"),
+     ("pruner.length_unit=percent", "pruner.length_unit=percent is not one of: tokens, fraction")],
 )
 def test_bad_length_adaptive_settings(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -81,11 +113,33 @@ def search_cfg(tmp_path, checkpoint, name, extra=()):
                                   "compare_constant_ratios=[0.6,0.8]", *extra], tmp_path / name)
 
 
+@pytest.mark.parametrize(("unit", "longest"), [("tokens", 30), ("fraction", 64)])
+def test_search_space_and_analytic_flops_follow_the_length_unit(unit, longest):
+    _, adapter = tiny_model("bert")
+    dims = EncoderDims.of(adapter)
+    lengths = [10, 30, 25]
+    context = SearchContext(dims, LengthConfigPruner(3, None, 64, unit), lengths, score=lambda key, config: {})
+    assert context.max_length == longest
+    assert context.gene_flops((longest,) * 3) == pytest.approx(1.0)
+    gene = (20, 10, 5)
+    pruned = full = 0.0
+    for n in lengths:  # one example per batch: the engine's trace counts exactly what it computed
+        ids = torch.randint(5, 120, (1, n))
+        with torch.no_grad():
+            trace = PrunableEncoder(adapter)(ids, torch.ones_like(ids), pruner=LengthConfigPruner(3, gene, 64, unit)).trace
+        pruned += float(encoder_macs(dims, trace).sum())
+        full += float(unpruned_macs(dims, torch.tensor([n])).sum())
+    assert context.gene_flops(gene) == pytest.approx(pruned / full)
+
+
 def test_evolution_front_genes_are_valid_and_logged(tmp_path, lat_checkpoint):
     result = run_search(search_cfg(tmp_path, lat_checkpoint, "evo"))
     candidates = result["candidates"]
+    longest = max(datamodule_for(load_module(lat_checkpoint)).lengths["search"])
     for gene in candidates.gene:
-        assert list(gene) == sorted(gene, reverse=True) and 1 <= min(gene) and max(gene) <= 64
+        assert list(gene) == sorted(gene, reverse=True) and 1 <= min(gene) and max(gene) <= longest
+    assert [longest] * 3 in candidates.gene.tolist(), "the full gene: longer token caps change nothing"
+    assert candidates.loc[candidates.gene.map(max) == longest].flops_ratio.max() == pytest.approx(1.0)
     kinds = {origin.split("@")[0] for origin in candidates.origin}
     assert {"initial", "mutation"} <= kinds <= {"initial", "mutation", "crossover"}
     assert len(candidates) <= 6 + 3 * (4 + 3), "each iteration adds at most n_m + n_c new genes"
@@ -173,9 +227,6 @@ def test_drop_and_restore_token_task_end_to_end(tmp_path):
     result = train(compose_app("train", overrides, tmp_path / "lat"))
     report = result["report"]
     assert 0 <= report["test/f1"] <= 1 and report["test/flops_ratio"] < 0.9
-    from lightning_modules.base import load_module
-    from search.evaluate import datamodule_for
-
     module = load_module(result["last_checkpoint"])
     batch = next(iter(datamodule_for(module, 8).test_dataloader()))
     with torch.no_grad():
