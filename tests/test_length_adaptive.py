@@ -223,7 +223,7 @@ def test_drop_and_restore_token_task_end_to_end(tmp_path):
             "task.metrics.accuracy.num_classes=3", "task.metrics.f1.num_classes=3"]
     finetuned = train(compose_app("train", [*FAST, *task], tmp_path / "ft"))["last_checkpoint"]
     overrides = [*FAST, *task, "pruner=length_adaptive", "module=length_adaptive", f"module.init_from={finetuned}",
-                 "pruner.lengths=[24,16,8]"]
+                 "pruner.lengths=[8,4,2]"]
     result = train(compose_app("train", overrides, tmp_path / "lat"))
     report = result["report"]
     assert 0 <= report["test/f1"] <= 1 and report["test/flops_ratio"] < 0.9
