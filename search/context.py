@@ -27,7 +27,7 @@ class SearchContext:
     _flops: dict[Gene, float] = field(default_factory=dict)
 
     @property
-    def max_length(self) -> int:
+    def max_gene_length(self) -> int:
         """The largest gene entry worth searching: with `tokens` lengths, anything at or above the
         longest search-split example keeps every token."""
         reference = self.template.reference_length

@@ -7,7 +7,7 @@ full model, plus the full gene; each of G iterations keeps the Pareto front of e
 evaluated and adds n_m mutations (each layer resampled with probability p inside the bounds that
 keep the gene non-increasing) and n_c crossovers (element-wise ceil of the mean of two front
 genes); only genes inside the FLOPs bounds are evaluated. Gene entries range over
-[1, context.max_length]. ConstantRatioSearch is the paper's Figure-2 baseline: the same model at
+[1, context.max_gene_length]. ConstantRatioSearch is the paper's Figure-2 baseline: the same model at
 constant keep ratios.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ConstantRatioSearch:
     def run(self, context: SearchContext) -> list[dict[str, Any]]:
         layers = context.dims.num_layers
         return [
-            context.evaluate(constant_ratio_gene(layers, context.max_length, r), "constant_ratio") | {"ratio": r}
+            context.evaluate(constant_ratio_gene(layers, context.max_gene_length, r), "constant_ratio") | {"ratio": r}
             for r in self.ratios
         ]
 
@@ -75,7 +75,7 @@ class EvolutionarySearch:
         self.flops_min, self.flops_max, self.seed = flops_min, flops_max, seed
 
     def initial_population(self, context: SearchContext) -> list[Gene]:
-        layers, longest = context.dims.num_layers, context.max_length
+        layers, longest = context.dims.num_layers, context.max_gene_length
         smallest_flops = context.sandwich_floor_flops(self.length_drop)
         if self.flops_max < smallest_flops:
             raise ValueError(f"search.flops_max={self.flops_max} is below the smallest length configuration's "
@@ -106,7 +106,7 @@ class EvolutionarySearch:
 
     def run(self, context: SearchContext) -> list[dict[str, Any]]:
         rng = random.Random(self.seed)
-        longest = context.max_length
+        longest = context.max_gene_length
         evaluated: dict[Gene, dict[str, Any]] = {}
         for gene in self.initial_population(context):
             if self.within_bounds(gene, context) or gene == (longest,) * len(gene):

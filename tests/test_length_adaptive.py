@@ -119,7 +119,7 @@ def test_search_space_and_analytic_flops_follow_the_length_unit(unit, longest):
     dims = EncoderDims.of(adapter)
     lengths = [10, 30, 25]
     context = SearchContext(dims, LengthConfigPruner(3, None, 64, unit), lengths, score=lambda key, config: {})
-    assert context.max_length == longest
+    assert context.max_gene_length == longest
     assert context.gene_flops((longest,) * 3) == pytest.approx(1.0)
     gene = (20, 10, 5)
     pruned = full = 0.0
