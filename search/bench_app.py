@@ -30,7 +30,7 @@ from lightning_modules.base import TokenPruningModule, load_module
 from lightning_modules.instantiation import plain_errors
 from search.evaluate import datamodule_for
 from search.flops import encoder_macs, unpruned_macs
-from search.throughput import measure, packed_batch
+from search.throughput import measure, measure_batches, packed_batch
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,13 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
             full = sum(float(unpruned_macs(module.dims, b["attention_mask"].sum(dim=1)).sum()) for b in batches)
             flops_speedup = full / sum(float(encoder_macs(module.dims, trace).sum()) for trace in traces)
             kept = [torch.cat([trace[layer].n_out for trace in traces]).float().mean() for layer in range(len(traces[0]))]
-            timings = measure(
+            timings = measure_batches(
                 {
-                    "hf_sdpa": lambda: [module.model(**batch) for batch in batches],
-                    "engine_unpruned": lambda: [module(batch) for batch in batches],
-                    "engine_pruned": lambda: [module(batch, pruner=module.pruner) for batch in batches],
+                    "hf_sdpa": lambda batch: module.model(**batch),
+                    "engine_unpruned": lambda batch: module(batch),
+                    "engine_pruned": lambda batch: module(batch, pruner=module.pruner),
                 },
-                sum(len(batch["input_ids"]) for batch in batches), device, cfg.warmup, cfg.repeats,
+                batches, device, cfg.warmup, cfg.repeats,
             )
             reference = timings["hf_sdpa"]["seq_per_s"]
             for variant, timing in timings.items():

@@ -92,7 +92,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             [score(r["candidate"], r["pruner"], split="report") for r in baseline])
     unpruned = score("unpruned", {"_target_": None}, split="report")
     summary = {
-        "evaluations": len(store.records), "cache_hits": store.hits, "cache": str(store.path),
+        "evaluated": store.added, "cache_hits": store.hits, "cache_size": len(store.records), "cache": str(store.path),
         "search_hypervolume": hypervolume(candidates, "score", "flops_ratio"),
         "report_unpruned_score": unpruned["score"], "report_unpruned_gflops": unpruned["gflops"], "main_metric": main,
     }
@@ -132,7 +132,8 @@ def write_outputs(cfg: DictConfig, candidates: pd.DataFrame, front: pd.DataFrame
         logger.finalize("success")
     columns = ["candidate", "score", "flops_ratio", "gflops"]
     print(front[columns].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    log.info("search wrote %s (%d evaluations, %d from cache)", out, summary["evaluations"], summary["cache_hits"])
+    log.info("search wrote %s (%d evaluated now, %d from cache; the cache holds %d)", out, summary["evaluated"],
+             summary["cache_hits"], summary["cache_size"])
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="search")

@@ -24,7 +24,8 @@ class CandidateStore:
             for line in text.splitlines():
                 record = json.loads(line)
                 self.records[record["key"]] = record
-        self.hits = 0
+        self.hits = 0  # lookups answered from the file in this process
+        self.added = 0  # records evaluated (and appended) in this process
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
@@ -41,4 +42,5 @@ class CandidateStore:
             handle.flush()
             os.fsync(handle.fileno())
         self.records[key] = record
+        self.added += 1
         return record

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -77,3 +78,26 @@ def _measure(
         }
         for name, samples in times.items()
     }
+
+
+def measure_batches(
+    variants: Mapping[str, Callable[[dict[str, Tensor]], object]],
+    batches: Sequence[dict[str, Tensor]],
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[str, dict[str, float]]:
+    """`measure` over several batches (e.g. a whole split), interleaved batch by batch: each
+    batch's variants are timed back to back, so slow drift of a shared machine hits every variant
+    alike. Per-batch medians add up to the split's time; spread is their time-weighted mean."""
+    per_batch = [
+        measure({name: partial(run, batch) for name, run in variants.items()}, len(batch["input_ids"]), device, warmup, repeats)
+        for batch in batches
+    ]
+    sequences = sum(len(batch["input_ids"]) for batch in batches)
+    result = {}
+    for name in variants:
+        median = sum(timing[name]["median_s"] for timing in per_batch)
+        spread = sum(timing[name]["spread"] * timing[name]["median_s"] for timing in per_batch) / median
+        result[name] = {"median_s": median, "seq_per_s": sequences / median, "spread": spread}
+    return result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from apps import compose_app
 from lightning_modules.backbones import tokenizer_location
 from search.bench_app import bench_module, run_bench, write_outputs
 from search.evaluate import datamodule_for
-from search.throughput import packed_batch
+from search.throughput import measure_batches, packed_batch
 
 
 def test_packed_batch_is_all_real_text():
@@ -61,3 +62,17 @@ def test_bench_on_the_report_split_at_real_lengths(tmp_path):
     lengths = torch.tensor(datamodule_for(bench_module(cfg)).lengths["report"]).float()
     assert pruned.kept_tokens == [round(float(lengths.clamp(max=cap).mean()), 1) for cap in (20, 10, 5)]
     assert pruned.flops_speedup > 1.5 and pruned.length == "report"
+
+
+def test_split_timing_interleaves_variants_batch_by_batch():
+    calls: list[tuple[str, int]] = []
+    variants = {
+        "fast": lambda batch: calls.append(("fast", batch["id"])),
+        "slow": lambda batch: (time.sleep(0.002), calls.append(("slow", batch["id"]))),
+    }
+    batches = [{"input_ids": torch.zeros(2, 3), "id": 0}, {"input_ids": torch.zeros(3, 3), "id": 1}]
+    timings = measure_batches(variants, batches, torch.device("cpu"), warmup=1, repeats=3)
+    assert [batch for _, batch in calls] == [0] * 8 + [1] * 8, "every variant of a batch before the next batch"
+    assert [name for name, _ in calls[:8]] == ["fast", "slow"] * 4, "warm-up, then repeats alternating the variants"
+    assert timings["slow"]["median_s"] >= 2 * 0.002 > timings["fast"]["median_s"]
+    assert timings["slow"]["seq_per_s"] == pytest.approx(5 / timings["slow"]["median_s"])

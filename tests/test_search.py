@@ -40,7 +40,8 @@ def test_grid_search_writes_front_and_resumes_from_cache(tmp_path, checkpoint):
     for name in ("candidates.csv", "front.csv", "report_curves.csv", "front.png", "summary.json"):
         assert (tmp_path / "first" / name).is_file()
     again = run_search(search_cfg(tmp_path, checkpoint, "again"))
-    assert again["cache_hits"] == again["evaluations"] and again["evaluations"] == first["evaluations"]
+    assert first["evaluated"] == first["cache_size"]
+    assert again["evaluated"] == 0 and again["cache_hits"] == first["evaluated"] == again["cache_size"]
     pd.testing.assert_frame_equal(again["front"], first["front"])
 
 
@@ -51,8 +52,8 @@ def test_killed_search_reevaluates_only_what_is_missing(tmp_path, checkpoint):
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])  # killed mid-write
     resumed = run_search(search_cfg(tmp_path, checkpoint, "resumed"))
-    assert resumed["cache_hits"] == 2
-    assert len(CandidateStore(path).records) == full["evaluations"]
+    assert resumed["cache_hits"] == 2 and resumed["evaluated"] == full["evaluated"] - 2
+    assert len(CandidateStore(path).records) == full["cache_size"]
     pd.testing.assert_frame_equal(resumed["front"].drop(columns="key"), full["front"].drop(columns="key"))
 
 
