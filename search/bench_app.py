@@ -5,7 +5,8 @@
     tokenprune-bench checkpoint=outputs/train/.../checkpoints/last.ckpt
     tokenprune-bench checkpoint=... 'lengths=[report]'        # the task's report split at real lengths
 
-Variants, all on the same packed real-text batch: `hf_sdpa` (the stock HF model with fused
+Variants, all on the same batches (one packed real-text batch, or the split's batches, timed
+batch by batch with the variants alternating): `hf_sdpa` (the stock HF model with fused
 attention, the reference), `engine_unpruned` (the engine's own loop, no pruner) and
 `engine_pruned`. The table gives sequences/s, the measured speedup over hf_sdpa, the FLOPs
 speedup (analytic counter) and their quotient.

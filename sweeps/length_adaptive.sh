@@ -37,6 +37,6 @@ checkpoint=$(latest "$root/train/lat/*/checkpoints/last.ckpt")
 
 tokenprune-search checkpoint="$checkpoint" search=evolution search.length_drop="$LENGTH_DROP" \
   search.iterations="$ITERATIONS" search.mutations="$MUTATIONS" search.crossovers="$CROSSOVERS" \
-  'compare_constant_ratios=[0.4,0.5,0.6,0.7,0.75,0.8,0.85,0.9]'
+  'compare_constant_ratios=[0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9]'
 front=$(latest "$root/search/evolution/*/front.csv")
 echo "front: $front (its 'bench' column measures each configuration with tokenprune-bench)"
