@@ -54,10 +54,7 @@ class SearchContext:
         total, current = torch.zeros(n.shape, dtype=torch.float64), n
         for layer in range(self.dims.num_layers):
             kept = torch.minimum(pruner.keep_counts(layer, n), current)
-            scored = kept < current
-            layer_cost = layer_macs(self.dims, current, current, kept, self.dims.num_heads, scored=True)
-            plain_cost = layer_macs(self.dims, current, current, kept, self.dims.num_heads)
-            total = total + torch.where(scored, layer_cost, plain_cost)
+            total = total + layer_macs(self.dims, current, current, kept, self.dims.num_heads, scored=kept < current)
             current = kept
         return float(total.sum() / unpruned_macs(self.dims, n).sum())
 

@@ -40,14 +40,15 @@ class EncoderDims:
 
 
 def layer_macs(
-    dims: EncoderDims, n_in: Tensor, n_query: Tensor, n_out: Tensor, heads: int, scored: bool = False
+    dims: EncoderDims, n_in: Tensor, n_query: Tensor, n_out: Tensor, heads: int, scored: bool | Tensor = False
 ) -> Tensor:
-    """MACs of one layer per example (DESIGN.md s.4), all arguments per example except heads."""
+    """MACs of one layer per example (DESIGN.md s.4), all arguments per example except heads;
+    `scored` (whether the score vector was computed) is one bool or one per example."""
     n_in, n_query, n_out = (t.to(torch.float64) for t in (n_in, n_query, n_out))
     width = heads * dims.head_dim
     return (
         3 * n_in * dims.hidden * width
-        + n_query * n_in * (width + (heads if scored else 0))
+        + n_query * n_in * (width + heads * scored)
         + n_out * n_in * width
         + n_out * width * dims.hidden
         + 2 * n_out * dims.hidden * dims.ffn

@@ -68,13 +68,6 @@ def sample_gene(num_layers: int, start_length: int, drop_prob: float, rng: rando
     return tuple(lengths)
 
 
-def kept_counts(length: int, reference_length: int, unit: str, input_lengths: Tensor) -> Tensor:
-    """Tokens an example with `input_lengths` real tokens keeps under gene entry `length`, (B,)."""
-    if unit == "tokens":
-        return torch.clamp(input_lengths, max=length)
-    return torch.clamp(torch.ceil(input_lengths.to(torch.float64) * length / reference_length - 1e-9).long(), min=1)
-
-
 class LengthConfigPruner(TokenPruner):
     """Significance top-k keeping, after layer i, the tokens that length l_i allows (see module doc)."""
 
@@ -92,7 +85,11 @@ class LengthConfigPruner(TokenPruner):
 
     def keep_counts(self, layer: int, input_lengths: Tensor) -> Tensor:
         """Tokens each example keeps after `layer`, from its real input length, (B,)."""
-        return kept_counts(self.gene[layer], self.reference_length, self.length_unit, input_lengths)
+        length = self.gene[layer]
+        if self.length_unit == "tokens":
+            return torch.clamp(input_lengths, max=length)
+        fraction = input_lengths.to(torch.float64) * length / self.reference_length
+        return torch.clamp(torch.ceil(fraction - 1e-9).long(), min=1)
 
     def prunes_at(self, layer: int) -> bool:
         return self.gene[layer] < (self.gene[layer - 1] if layer > 0 else self.reference_length)
