@@ -1,10 +1,10 @@
-# One-command set-up on a fresh machine (Python 3.10+, pip). Everything installs from PyPI;
+# One-command set-up on a fresh machine (Python 3.11+, pip). Everything installs from PyPI;
 # torch==2.13.* resolves to the CPU wheel here and to the CUDA build on GPU clusters.
 VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install run test bench clean
+.PHONY: install run lint test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,14 @@ install: $(VENV)/.installed
 run: install
 	$(OFFLINE) $(BIN)/tokenprune-train threads=2
 
-## The test suite.
-test: install
+## Developer checks: ruff lint + format, mypy (settings in pyproject.toml; pre-commit runs the same).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## The checks, then the test suite (what .ci/run calls).
+test: lint
 	$(OFFLINE) $(BIN)/python -m pytest -q
 
 ## Throughput: stock HF (sdpa) vs engine unpruned vs top-k pruned, MiniLM-L6, batch 32, 128 tokens.

@@ -4,6 +4,7 @@ A spec has `name`, `pretrained` (a hub id / local folder, or a `_target_` node r
 or null for random weights), `tokenizer` (same forms), `config` (overrides,
 or the full config when `pretrained` is null) and `adapter` (a `_target_` node, `_partial_`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from lightning_modules.engine.adapters import EncoderAdapter
+from tokenprune.engine.adapters import EncoderAdapter
 
 # Families whose position ids start after the padding index (RoBERTa's learned offset).
 _POSITION_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "camembert")

@@ -1,4 +1,5 @@
 """What a search strategy gets from tokenprune-search: sizes, lengths and a cached scorer."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -7,15 +8,15 @@ from typing import Any
 
 import torch
 
-from lightning_modules.pruners.length import Gene, LengthConfigPruner, smallest_gene
-from search.flops import EncoderDims, layer_macs, unpruned_macs
+from tokenprune.engine.flops import EncoderDims, layer_macs, unpruned_macs
+from tokenprune.pruners.length import Gene, LengthConfigPruner, smallest_gene
 
-PRUNER_TARGET = "lightning_modules.pruners.length.LengthConfigPruner"
+PRUNER_TARGET = "tokenprune.pruners.length.LengthConfigPruner"
 
 
 @dataclass
 class SearchContext:
-    """What a strategy needs from the app: model sizes, the search split's real lengths, the
+    """What a strategy needs from the app: model sizes, the val split's real lengths, the
     checkpoint's length pruner (how a gene applies to an example) and a cached scorer
     `score(key, pruner_config) -> record`."""
 
@@ -34,7 +35,7 @@ class SearchContext:
         return min(reference, max(self.lengths)) if self.template.length_unit == "tokens" else reference
 
     def gene_flops(self, gene: Gene) -> float:
-        """Relative FLOPs of `gene` on the search split (analytic, real lengths, no forward)."""
+        """Relative FLOPs of `gene` on the val split (analytic, real lengths, no forward)."""
         if gene not in self._flops:
             self._flops[gene] = self.pruner_flops(self.template.with_gene(gene))
         return self._flops[gene]
@@ -48,7 +49,7 @@ class SearchContext:
         return self.pruner_flops(LengthConfigPruner(self.dims.num_layers, gene, reference, "fraction"))
 
     def pruner_flops(self, pruner: LengthConfigPruner) -> float:
-        """Relative FLOPs of `pruner` on the search split, per example: a layer that removes
+        """Relative FLOPs of `pruner` on the val split, per example: a layer that removes
         tokens of an example also pays for its score vector."""
         n = torch.as_tensor(list(self.lengths))
         total, current = torch.zeros(n.shape, dtype=torch.float64), n
@@ -60,8 +61,16 @@ class SearchContext:
 
     def evaluate(self, gene: Gene, origin: str, parents: Sequence[Gene] = ()) -> dict[str, Any]:
         template = self.template
-        config = {"_target_": PRUNER_TARGET, "lengths": list(gene), "reference_length": template.reference_length,
-                  "length_unit": template.length_unit}
+        config = {
+            "_target_": PRUNER_TARGET,
+            "lengths": list(gene),
+            "reference_length": template.reference_length,
+            "length_unit": template.length_unit,
+        }
         record = self.score(f"lengths={list(gene)}", config)
-        return {**record, "gene": list(gene), "origin": record.get("origin", origin),
-                "parents": record.get("parents", [list(p) for p in parents])}
+        return {
+            **record,
+            "gene": list(gene),
+            "origin": record.get("origin", origin),
+            "parents": record.get("parents", [list(p) for p in parents]),
+        }

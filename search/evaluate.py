@@ -1,4 +1,5 @@
 """Score one pruning configuration of a trained model on a data split (physically pruned forwards)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,11 +9,11 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from lightning_modules.backbones import tokenizer_location
-from lightning_modules.base import TokenPruningModule
-from lightning_modules.data.datamodule import TaskDataModule
-from lightning_modules.metrics import PruningStats
-from lightning_modules.pruners.base import TokenPruner
+from tokenprune.backbones import tokenizer_location
+from tokenprune.data.datamodule import TaskDataModule
+from tokenprune.engine.pruner import TokenPruner
+from tokenprune.modules.base import TokenPruningModule
+from tokenprune.modules.metrics import PruningStats
 
 
 def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128) -> TaskDataModule:
@@ -32,16 +33,18 @@ def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128) -> Ta
 
 
 @torch.inference_mode()
-def evaluate(module: TokenPruningModule, loader: DataLoader, pruner: TokenPruner | None, desc: str = "eval") -> dict[str, Any]:
+def evaluate(
+    module: TokenPruningModule, loader: DataLoader, pruner: TokenPruner | None, desc: str = "eval"
+) -> dict[str, Any]:
     """Task metrics, relative FLOPs and kept tokens of `module` pruned by `pruner` on `loader`."""
     module.eval()
-    metrics = module.test_metrics.clone().to(module.device)
+    metrics = module.report_metrics.clone().to(module.device)
     stats = PruningStats(module.dims).to(module.device)
     for batch in tqdm(loader, desc=desc, leave=False):
         batch = {k: v.to(module.device) for k, v in batch.items()}
         logits, out = module(batch, pruner=pruner)
         module.update_metrics(metrics, logits, batch["labels"])
         stats.update(out.trace, batch["attention_mask"].sum(dim=1))
-    result = {k.removeprefix("test/"): float(v) for k, v in metrics.compute().items()}
+    result = {k.removeprefix("report/"): float(v) for k, v in metrics.compute().items()}
     result.update({k: float(v) for k, v in stats.compute().items()})
     return result

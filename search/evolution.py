@@ -10,6 +10,7 @@ genes); only genes inside the FLOPs bounds are evaluated. Gene entries range ove
 [1, context.max_gene_length]. ConstantRatioSearch is the paper's Figure-2 baseline: the same model at
 constant keep ratios.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,10 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lightning_modules.pruners.base import check_range
-from lightning_modules.pruners.length import Gene, check_drop_prob, constant_ratio_gene
-from search.context import SearchContext
-from search.pareto import hypervolume, pareto_front
+from tokenprune.checks import check_range
+from tokenprune.pruners.length import Gene, check_drop_prob, constant_ratio_gene
+from tokenprune.search.context import SearchContext
+from tokenprune.search.pareto import hypervolume, pareto_front
 
 
 class ConstantRatioSearch:
@@ -65,7 +66,9 @@ class EvolutionarySearch:
             if value < 1:
                 raise ValueError(f"search.{name}={value} must be >= 1")
         if mutations < 0 or crossovers < 0 or mutations + crossovers == 0:
-            raise ValueError(f"search.mutations={mutations}, search.crossovers={crossovers}: need >= 0 and a positive sum")
+            raise ValueError(
+                f"search.mutations={mutations}, search.crossovers={crossovers}: need >= 0 and a positive sum"
+            )
         check_range("search.mutation_prob", mutation_prob, 0.0, 1.0, low_open=True)
         check_drop_prob("search.length_drop", length_drop)
         if not 0 <= flops_min < flops_max:
@@ -78,8 +81,10 @@ class EvolutionarySearch:
         layers, longest = context.dims.num_layers, context.max_gene_length
         smallest_flops = context.sandwich_floor_flops(self.length_drop)
         if self.flops_max < smallest_flops:
-            raise ValueError(f"search.flops_max={self.flops_max} is below the smallest length configuration's "
-                             f"relative FLOPs ({smallest_flops:.3f}); raise it or lower search.length_drop")
+            raise ValueError(
+                f"search.flops_max={self.flops_max} is below the smallest length configuration's "
+                f"relative FLOPs ({smallest_flops:.3f}); raise it or lower search.length_drop"
+            )
         ratios = np.linspace(0.0, 1.0, 201)[1:]
         genes = {constant_ratio_gene(layers, longest, float(r)) for r in ratios}
         scored = sorted((context.gene_flops(g), g) for g in genes)
@@ -114,18 +119,25 @@ class EvolutionarySearch:
         for iteration in range(self.iterations):
             table = pd.DataFrame([r for g, r in evaluated.items() if self.within_bounds(g, context)])
             front = [tuple(g) for g in pareto_front(table, "score", "flops_ratio")["gene"]]
-            context.history.append({"iteration": iteration, "evaluated": len(evaluated), "front_size": len(front),
-                                    "hypervolume": hypervolume(table, "score", "flops_ratio")})
+            context.history.append(
+                {
+                    "iteration": iteration,
+                    "evaluated": len(evaluated),
+                    "front_size": len(front),
+                    "hypervolume": hypervolume(table, "score", "flops_ratio"),
+                }
+            )
             children: list[tuple[Gene, str, tuple[Gene, ...]]] = []
             for kind, count in (("mutation", self.mutations), ("crossover", self.crossovers)):
                 for _ in range(count):
                     for _attempt in range(100):
+                        parents: tuple[Gene, ...]
                         if kind == "mutation":
                             parents = (rng.choice(front),)
                             child = self.mutate(parents[0], rng, longest)
                         else:
                             parents = (rng.choice(front), rng.choice(front))
-                            child = self.crossover(*parents)
+                            child = self.crossover(parents[0], parents[1])
                         known = child in evaluated or any(child == c for c, _, _ in children)
                         if not known and self.within_bounds(child, context):
                             children.append((child, kind, parents))
@@ -133,7 +145,12 @@ class EvolutionarySearch:
             for child, kind, parents in children:
                 evaluated[child] = context.evaluate(child, f"{kind}@{iteration}", parents)
         table = pd.DataFrame(list(evaluated.values()))
-        context.history.append({"iteration": self.iterations, "evaluated": len(evaluated),
-                                "front_size": len(pareto_front(table, "score", "flops_ratio")),
-                                "hypervolume": hypervolume(table, "score", "flops_ratio")})
+        context.history.append(
+            {
+                "iteration": self.iterations,
+                "evaluated": len(evaluated),
+                "front_size": len(pareto_front(table, "score", "flops_ratio")),
+                "hypervolume": hypervolume(table, "score", "flops_ratio"),
+            }
+        )
         return list(evaluated.values())

@@ -3,13 +3,14 @@
 Used for the static baselines' curves (top-k keep ratio, manual threshold) and for the
 constant-ratio curve that the evolutionary search is compared against.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning_modules.base import plain
-from search.context import SearchContext
+from tokenprune.config import plain
+from tokenprune.search.context import SearchContext
 
 
 class GridSearch:

@@ -1,4 +1,5 @@
 """Accuracy-vs-FLOPs fronts: non-dominated sorting and hypervolume from pymoo, and the plot."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,14 @@ def hypervolume(table: pd.DataFrame, score: str, flops: str, reference: tuple[fl
     return float(HV(ref_point=np.array([reference[0], -reference[1]]))(_objectives(table, score, flops)))
 
 
-def plot_fronts(curves: dict[str, pd.DataFrame], score: str, flops: str, path: Path, title: str,
-                unpruned: tuple[float, float] | None = None) -> Path:
+def plot_fronts(
+    curves: dict[str, pd.DataFrame],
+    score: str,
+    flops: str,
+    path: Path,
+    title: str,
+    unpruned: tuple[float, float] | None = None,
+) -> Path:
     """Score vs FLOPs, one line per named curve, the unpruned model (x, y) as a star."""
     figure, axes = plt.subplots(figsize=(6, 4.2))
     for name, table in curves.items():

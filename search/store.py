@@ -1,4 +1,5 @@
 """On-disk cache of evaluated candidates, so an interrupted search resumes without re-evaluating."""
+
 from __future__ import annotations
 
 import json

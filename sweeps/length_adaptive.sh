@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Length-Adaptive Transformer on one task, the recipe measured in the README: fine-tune 1 epoch,
 # fine-tune 2 more (the unpruned baseline the bar is measured against), LengthDrop sandwich
-# training from that baseline, evolutionary search (front scored on the search split, re-scored
+# training from that baseline, evolutionary search (front scored on the val split, re-scored
 # on the report split) next to the constant-ratio curve; front.csv's `bench` column then measures
 # each configuration's speed.
 #
@@ -27,11 +27,11 @@ latest() { ls -t $1 | head -n 1; }
 
 tokenprune-train run_name=finetune trainer.max_epochs=1 $EXTRA
 tokenprune-train run_name=baseline module.init_from="$(latest "$root/train/finetune/*/checkpoints/last.ckpt")" \
-  trainer.max_epochs=2 module.optim.lr=5e-5 $EXTRA
+  trainer.max_epochs=2 module.optimizer.lr=5e-5 $EXTRA
 baseline=$(latest "$root/train/baseline/*/checkpoints/last.ckpt")
 
 tokenprune-train run_name=lat pruner=length_adaptive module=length_adaptive module.init_from="$baseline" \
-  trainer.max_epochs="$SANDWICH_EPOCHS" module.optim.lr="$SANDWICH_LR" module.length_drop="$LENGTH_DROP" \
+  trainer.max_epochs="$SANDWICH_EPOCHS" module.optimizer.lr="$SANDWICH_LR" module.length_drop="$LENGTH_DROP" \
   module.layer_drop="$LAYER_DROP" module.num_sandwich="$NUM_SANDWICH" $EXTRA
 checkpoint=$(latest "$root/train/lat/*/checkpoints/last.ckpt")
 

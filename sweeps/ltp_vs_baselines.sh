@@ -10,7 +10,7 @@
 # 3. LTP: soft stage (SOFT_EPOCHS) + hard stage (HARD_EPOCHS) per (lambda, final threshold),
 #    from the fine-tuned checkpoint
 # 4. baselines on the baseline model: top-k keep-ratio grid and manual rising-threshold grid
-# 5. python -m search.compare: one table (table.md/csv), front.png, W&B
+# 5. tokenprune-compare: one table (table.md/csv), front.png, W&B
 set -euo pipefail
 LAMBDAS=${LAMBDAS:-0.02,0.03,0.04,0.05}
 THRESHOLDS=${THRESHOLDS:-0.005}
@@ -25,7 +25,7 @@ latest() { ls -t $1 | head -n 1; }
 tokenprune-train run_name=finetune trainer.max_epochs=1 $EXTRA
 finetuned=$(latest "$root/train/finetune/*/checkpoints/last.ckpt")
 
-tokenprune-train run_name=baseline module.init_from="$finetuned" trainer.max_epochs=$((SOFT_EPOCHS + HARD_EPOCHS)) module.optim.lr=5e-5 $EXTRA
+tokenprune-train run_name=baseline module.init_from="$finetuned" trainer.max_epochs=$((SOFT_EPOCHS + HARD_EPOCHS)) module.optimizer.lr=5e-5 $EXTRA
 baseline=$(latest "$root/train/baseline/*/checkpoints/last.ckpt")
 
 tokenprune-train -m experiment=ltp 'stages=${ltp_stages_from_finetuned}' module.init_from="$finetuned" \
@@ -35,7 +35,7 @@ tokenprune-train -m experiment=ltp 'stages=${ltp_stages_from_finetuned}' module.
 tokenprune-search checkpoint="$baseline" search=keep_ratio_grid
 tokenprune-search checkpoint="$baseline" search=threshold_grid
 
-python -m search.compare --out "$root/compare" --wandb \
+tokenprune-compare --out "$root/compare" --wandb \
   --runs "$root/multirun/*/*/results.json" --label ltp \
   --runs "$root/train/baseline/*/results.json" --label unpruned \
   --fronts "topk=$root/search/keep_ratio_grid/*/front.csv" \

@@ -1,4 +1,5 @@
 """Helpers for tests that compose the real Hydra configs in-process or run the CLI."""
+
 from __future__ import annotations
 
 import os
@@ -11,22 +12,22 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import search.search_app as search_app
+import tokenprune.apps.search as search_app
 
 # Small and fast: tiny random-weight backbone on the offline default task, few batches.
 FAST = [
     "backbone=tiny",
     "logger=csv",
     "data.batch_size=16",
-    "+trainer.limit_train_batches=6",
-    "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
 ]
 
 
 def compose_app(config: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose `conf/<config>.yaml` as the CLI would, writing into `output_dir`."""
-    with initialize_config_module(version_base="1.3", config_module="conf"):
+    with initialize_config_module(version_base="1.3", config_module="tokenprune.conf"):
         cfg = compose(config, overrides=[*overrides, f"paths.root={output_dir.parent}"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
@@ -36,10 +37,11 @@ def compose_app(config: str, overrides: list[str], output_dir: Path) -> DictConf
 
 
 def run_cli(app: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python -m <app>` (e.g. lightning_modules.train_app) offline, as a user would."""
+    """Run `python -m <app>` (e.g. tokenprune.apps.train) offline, as a user would."""
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", app, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", app, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def record_search_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -57,5 +59,5 @@ def record_search_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def searched(scored: list[str]) -> list[str]:
-    """The search-split entries of `record_search_evaluations`'s list."""
-    return [desc for desc in scored if desc.startswith("search ")]
+    """The val-split entries of `record_search_evaluations`'s list."""
+    return [desc for desc in scored if desc.startswith("val ")]

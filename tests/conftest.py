@@ -1,4 +1,5 @@
 """Shared fixtures: random-weight tiny models of each adapter family (no hub needed)."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from lightning_modules.engine import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter
+from tokenprune.engine import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter
 
 FAMILIES = {
     "bert": (BertFamilyAdapter, {}),
@@ -22,14 +23,18 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, attn: str = "sdpa", num_labels: int = 3, layers: int = 3) -> tuple[PreTrainedModel, EncoderAdapter]:
+def tiny_model(
+    family: str, attn: str = "sdpa", num_labels: int = 3, layers: int = 3
+) -> tuple[PreTrainedModel, EncoderAdapter]:
     """A random-weight 3-layer, 4-head, hidden-32 model of `family` with a classification head."""
     adapter_cls, extra = FAMILIES[family]
     if family == "distilbert":
         sizes = {"dim": 32, "n_layers": layers, "n_heads": 4, "hidden_dim": 64}
     else:
         sizes = {"hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 4, "intermediate_size": 64}
-    config = AutoConfig.for_model(family, vocab_size=120, max_position_embeddings=80, num_labels=num_labels, **sizes, **extra)
+    config = AutoConfig.for_model(
+        family, vocab_size=120, max_position_embeddings=80, num_labels=num_labels, **sizes, **extra
+    )
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
     return model, adapter_cls(model)
@@ -41,7 +46,7 @@ def random_batch(batch: int = 4, length: int = 24, seed: int = 1) -> tuple[torch
     ids = torch.randint(5, 120, (batch, length), generator=generator)
     mask = torch.ones(batch, length, dtype=torch.long)
     for row in range(batch):
-        mask[row, max(length - 5 * row, 1):] = 0
+        mask[row, max(length - 5 * row, 1) :] = 0
     return ids, mask
 
 

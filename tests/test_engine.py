@@ -1,15 +1,15 @@
 """The engine reproduces the stock HF models and really removes tokens."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_batch, tiny_model
-from lightning_modules.engine import PrunableEncoder
-from lightning_modules.engine import attention
-from lightning_modules.engine.scoring import score_vector
-from lightning_modules.pruners.ltp import LTPPruner
-from lightning_modules.pruners.static import RandomPruner, SpAttenPruner, TopKPruner
+
+from tokenprune.engine import PrunableEncoder, attention
+from tokenprune.engine.scoring import score_vector
+from tokenprune.pruners.ltp import LTPPruner
+from tokenprune.pruners.static import RandomPruner, SpAttenPruner, TopKPruner
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -97,7 +97,11 @@ def test_drop_and_restore_returns_full_length_with_vectors_at_drop_time():
     for row in range(3):
         kept = set(pruned.positions[row][pruned.mask[row]].tolist())
         for position in range(int(mask[row].sum())):
-            expected = pruned.hidden[row][pruned.positions[row] == position][0] if position in kept else after_first.hidden[row, position]
+            expected = (
+                pruned.hidden[row][pruned.positions[row] == position][0]
+                if position in kept
+                else after_first.hidden[row, position]
+            )
             torch.testing.assert_close(restored.hidden[row, position], expected)
 
 
@@ -175,5 +179,7 @@ def test_layers_that_would_keep_everything_skip_the_score():
     trace = PrunableEncoder(adapter)(ids, mask, pruner=ltp).trace
     assert not trace[0].scored and trace[1].scored
     one_token = torch.ones(2, 1, dtype=torch.long)
-    trace = PrunableEncoder(adapter)(one_token * 7, one_token, pruner=TopKPruner(3, keep_ratio=0.5, start_layer=0)).trace
+    trace = PrunableEncoder(adapter)(
+        one_token * 7, one_token, pruner=TopKPruner(3, keep_ratio=0.5, start_layer=0)
+    ).trace
     assert not any(t.scored for t in trace)

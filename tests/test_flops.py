@@ -1,16 +1,17 @@
 """The analytic counter against torch's FlopCounterMode and against the closed form."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig
 
-from conftest import tiny_model
-from lightning_modules.engine import PrunableEncoder
-from lightning_modules.pruners.static import RandomPruner, SpAttenPruner, TopKPruner
-from search.flops import EncoderDims, encoder_macs, paper_macs, unpruned_macs
+from tokenprune.engine import PrunableEncoder
+from tokenprune.engine.flops import EncoderDims, encoder_macs, paper_macs, unpruned_macs
+from tokenprune.pruners.static import RandomPruner, SpAttenPruner, TopKPruner
 
 
 def measured_encoder_flops(adapter, ids, mask, **engine) -> tuple[float, list]:
@@ -63,7 +64,9 @@ def test_counter_matches_flop_counter_mode(engine):
 @pytest.mark.parametrize("length", [128, 384])
 def test_bert_base_closed_form(length):
     config = BertConfig()  # bert-base: 12 layers, d=768, 12 heads, d_ff=3072
-    dims = EncoderDims(config.num_hidden_layers, config.num_attention_heads, config.hidden_size, 64, config.intermediate_size)
+    dims = EncoderDims(
+        config.num_hidden_layers, config.num_attention_heads, config.hidden_size, 64, config.intermediate_size
+    )
     d, n = 768, length
     per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * 4 * d  # QKV+out, logits+context, FFN
     macs = float(unpruned_macs(dims, torch.tensor([n]))[0])

@@ -1,25 +1,26 @@
 """Length-Adaptive Transformer: LengthDrop genes, sandwich training, Drop-and-Restore, evolution."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from datasets import ClassLabel, Dataset, DatasetDict, Sequence, Value
-
-import search.search_app as search_app
 from apps import FAST, compose_app, record_search_evaluations, searched
 from conftest import random_batch, tiny_model
-from lightning_modules.length_adaptive import distillation_loss
-from lightning_modules.pruners.length import LengthConfigPruner, check_gene, constant_ratio_gene, sample_gene, smallest_gene
-from lightning_modules.base import load_module
-from lightning_modules.engine import PrunableEncoder
-from lightning_modules.train_app import train
-from search.context import SearchContext
-from search.evaluate import datamodule_for
-from search.flops import EncoderDims, encoder_macs, unpruned_macs
-from search.search_app import run_search
+from datasets import ClassLabel, Dataset, DatasetDict, Sequence, Value
+from hydra.utils import instantiate
+
+import tokenprune.apps.search as search_app
+from tokenprune.apps.search import run_search
+from tokenprune.apps.train import train
+from tokenprune.engine import PrunableEncoder
+from tokenprune.engine.flops import EncoderDims, encoder_macs, unpruned_macs
+from tokenprune.modules.length_adaptive import distillation_loss
+from tokenprune.modules.loading import load_module
+from tokenprune.pruners.length import LengthConfigPruner, check_gene, constant_ratio_gene, sample_gene, smallest_gene
+from tokenprune.search.context import SearchContext
+from tokenprune.search.evaluate import datamodule_for
 
 LAT = [*FAST, "pruner=length_adaptive", "module=length_adaptive", "task.max_length=64"]
 
@@ -51,18 +52,24 @@ def test_sandwich_lengths_start_from_the_batch_padded_length(tmp_path):
     assert models[0][0].gene == smallest_gene(3, 40, 0.3) and len(models) == 6
     assert all(max(pruner.gene) <= 40 and pruner.length_unit == "tokens" for pruner, _ in models)
     fraction = instantiate_module(tmp_path, ["pruner.length_unit=fraction"])
-    assert fraction.sub_models(mask)[0][0].gene == smallest_gene(3, 64, 0.2), "fraction lengths start from task.max_length"
+    assert fraction.sub_models(mask)[0][0].gene == smallest_gene(3, 64, 0.2), (
+        "fraction lengths start from task.max_length"
+    )
 
 
-@pytest.mark.parametrize(("gene", "message"), [((10, 12, 8), "non-increasing"), ((200, 100, 50), r"in \[1, 128\]"),
-                                               ((10, 8), "has 2 entries")])
+@pytest.mark.parametrize(
+    ("gene", "message"),
+    [((10, 12, 8), "non-increasing"), ((200, 100, 50), r"in \[1, 128\]"), ((10, 8), "has 2 entries")],
+)
 def test_hand_written_genes_are_checked(gene, message):
     with pytest.raises(ValueError, match=message):
         check_gene(gene, 3, 128)
 
 
-@pytest.mark.parametrize(("unit", "kept"), [("tokens", [[20, 15, 10], [10, 10, 10], [5, 5, 5]]),
-                                           ("fraction", [[20, 15, 10], [10, 8, 5], [5, 4, 3]])])
+@pytest.mark.parametrize(
+    ("unit", "kept"),
+    [("tokens", [[20, 15, 10], [10, 10, 10], [5, 5, 5]]), ("fraction", [[20, 15, 10], [10, 8, 5], [5, 4, 3]])],
+)
 def test_gene_lengths_are_token_caps_or_fractions(unit, kept):
     _, adapter = tiny_model("bert")
     ids, mask = random_batch(batch=3, length=20)  # 20, 15, 10 real tokens
@@ -91,16 +98,20 @@ def lat_checkpoint(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("lat")
     finetuned = train(compose_app("train", [*FAST, "task.max_length=64"], root / "ft"))["last_checkpoint"]
     result = train(compose_app("train", [*LAT, f"module.init_from={finetuned}"], root / "lat"))
-    assert result["report"]["test/flops_ratio"] == pytest.approx(1.0)  # validated at full length
+    assert result["report"]["report/flops_ratio"] == pytest.approx(1.0)  # validated at full length
     return result["last_checkpoint"]
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("module.length_drop=1.0", r"module.length_drop=1.0 is outside the allowed range \[0.0, 1.0\)"), ("module.layer_drop=-0.1", "module.layer_drop=-0.1"),
-     ("module.kd_direction=sideways", "module.kd_direction=sideways is not one of: forward, reverse"),
-     ("pruner.lengths=[50,60,10]", "must be non-increasing"), ("pruner.lengths=[100,50,10]", r"in \[1, 64\]"),
-     ("pruner.length_unit=percent", "pruner.length_unit=percent is not one of: tokens, fraction")],
+    [
+        ("module.length_drop=1.0", r"module.length_drop=1.0 is outside the allowed range \[0.0, 1.0\)"),
+        ("module.layer_drop=-0.1", "module.layer_drop=-0.1"),
+        ("module.kd_direction=sideways", "module.kd_direction=sideways is not one of: forward, reverse"),
+        ("pruner.lengths=[50,60,10]", "must be non-increasing"),
+        ("pruner.lengths=[100,50,10]", r"in \[1, 64\]"),
+        ("pruner.length_unit=percent", "pruner.length_unit=percent is not one of: tokens, fraction"),
+    ],
 )
 def test_bad_length_adaptive_settings(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -108,9 +119,21 @@ def test_bad_length_adaptive_settings(tmp_path, override, message):
 
 
 def search_cfg(tmp_path, checkpoint, name, extra=()):
-    return compose_app("search", ["logger=csv", f"checkpoint={checkpoint}", "search=evolution", "search.iterations=3",
-                                  "search.mutations=4", "search.crossovers=3", "search.population=4",
-                                  "compare_constant_ratios=[0.6,0.8]", *extra], tmp_path / name)
+    return compose_app(
+        "search",
+        [
+            "logger=csv",
+            f"checkpoint={checkpoint}",
+            "search=evolution",
+            "search.iterations=3",
+            "search.mutations=4",
+            "search.crossovers=3",
+            "search.population=4",
+            "compare_constant_ratios=[0.6,0.8]",
+            *extra,
+        ],
+        tmp_path / name,
+    )
 
 
 @pytest.mark.parametrize(("unit", "longest"), [("tokens", 30), ("fraction", 64)])
@@ -126,7 +149,9 @@ def test_search_space_and_analytic_flops_follow_the_length_unit(unit, longest):
     for n in lengths:  # one example per batch: the engine's trace counts exactly what it computed
         ids = torch.randint(5, 120, (1, n))
         with torch.no_grad():
-            trace = PrunableEncoder(adapter)(ids, torch.ones_like(ids), pruner=LengthConfigPruner(3, gene, 64, unit)).trace
+            trace = PrunableEncoder(adapter)(
+                ids, torch.ones_like(ids), pruner=LengthConfigPruner(3, gene, 64, unit)
+            ).trace
         pruned += float(encoder_macs(dims, trace).sum())
         full += float(unpruned_macs(dims, torch.tensor([n])).sum())
     assert context.gene_flops(gene) == pytest.approx(pruned / full)
@@ -135,9 +160,9 @@ def test_search_space_and_analytic_flops_follow_the_length_unit(unit, longest):
 def test_evolution_front_genes_are_valid_and_logged(tmp_path, lat_checkpoint):
     result = run_search(search_cfg(tmp_path, lat_checkpoint, "evo"))
     candidates = result["candidates"]
-    longest = max(datamodule_for(load_module(lat_checkpoint)).lengths["search"])
+    longest = max(datamodule_for(load_module(lat_checkpoint)).lengths["val"])
     for gene in candidates.gene:
-        assert list(gene) == sorted(gene, reverse=True) and 1 <= min(gene) and max(gene) <= longest
+        assert list(gene) == sorted(gene, reverse=True) and min(gene) >= 1 and max(gene) <= longest
     assert [longest] * 3 in candidates.gene.tolist(), "the full gene: longer token caps change nothing"
     assert candidates.loc[candidates.gene.map(max) == longest].flops_ratio.max() == pytest.approx(1.0)
     kinds = {origin.split("@")[0] for origin in candidates.origin}
@@ -192,9 +217,11 @@ def test_search_refuses_non_length_adaptive_checkpoint_and_tiny_budget(tmp_path,
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("search.length_drop=1.0", r"search.length_drop=1.0 is outside the allowed range \[0.0, 1.0\)"),
-     ("search.mutation_prob=0", r"search.mutation_prob=0 is outside the allowed range \(0.0, 1.0\]"),
-     ("search.iterations=0", "search.iterations=0 must be >= 1")],
+    [
+        ("search.length_drop=1.0", r"search.length_drop=1.0 is outside the allowed range \[0.0, 1.0\)"),
+        ("search.mutation_prob=0", r"search.mutation_prob=0 is outside the allowed range \(0.0, 1.0\]"),
+        ("search.iterations=0", "search.iterations=0 must be >= 1"),
+    ],
 )
 def test_bad_evolution_settings(tmp_path, lat_checkpoint, override, message):
     with pytest.raises(ValueError, match=message):
@@ -219,14 +246,26 @@ def _token_task(path) -> str:
 
 def test_drop_and_restore_token_task_end_to_end(tmp_path):
     local = _token_task(tmp_path / "ner")
-    task = ["task=conll2003", f"task.source.local_path={local}", "task.num_labels=3", "task.max_length=32",
-            "task.metrics.accuracy.num_classes=3", "task.metrics.f1.num_classes=3"]
+    task = [
+        "task=conll2003",
+        f"task.source.local_path={local}",
+        "task.num_labels=3",
+        "task.max_length=32",
+        "task.metrics.accuracy.num_classes=3",
+        "task.metrics.f1.num_classes=3",
+    ]
     finetuned = train(compose_app("train", [*FAST, *task], tmp_path / "ft"))["last_checkpoint"]
-    overrides = [*FAST, *task, "pruner=length_adaptive", "module=length_adaptive", f"module.init_from={finetuned}",
-                 "pruner.lengths=[8,4,2]"]
+    overrides = [
+        *FAST,
+        *task,
+        "pruner=length_adaptive",
+        "module=length_adaptive",
+        f"module.init_from={finetuned}",
+        "pruner.lengths=[8,4,2]",
+    ]
     result = train(compose_app("train", overrides, tmp_path / "lat"))
     report = result["report"]
-    assert 0 <= report["test/f1"] <= 1 and report["test/flops_ratio"] < 0.9
+    assert 0 <= report["report/f1"] <= 1 and report["report/flops_ratio"] < 0.9
     module = load_module(result["last_checkpoint"])
     batch = next(iter(datamodule_for(module, 8).test_dataloader()))
     with torch.no_grad():

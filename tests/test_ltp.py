@@ -1,16 +1,17 @@
 """Learned Token Pruning: thresholds learn, hard mode removes tokens per example, stages chain."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from apps import FAST, compose_app, run_cli
 from conftest import random_batch, tiny_model
-from lightning_modules.engine import PrunableEncoder
-from lightning_modules.pruners.ltp import LTPPruner
-from lightning_modules.train_app import train, train_stages
+
+from tokenprune.apps.train import train, train_stages
+from tokenprune.engine import PrunableEncoder
+from tokenprune.pruners.ltp import LTPPruner
 
 
 def test_soft_mask_gradients_reach_the_thresholds():
@@ -100,16 +101,22 @@ def test_experiment_runs_finetune_soft_hard_back_to_back(tmp_path):
     offset = "pruner.offset"
     assert (soft_ckpt["state_dict"][offset] != 0).any(), "thresholds moved in the soft stage"
     torch.testing.assert_close(hard_ckpt["state_dict"][offset], soft_ckpt["state_dict"][offset])
-    assert results["report"]["test/flops_ratio"] < 1.0
+    assert results["report"]["report/flops_ratio"] < 1.0
     assert json.loads((tmp_path / "ltp" / "results.json").read_text())["stages"]["hard"]["report"] == results["report"]
 
 
 def test_cli_runs_soft_and_hard_from_a_finetuned_checkpoint(tmp_path):
     """The documented command: experiment=ltp 'stages=${ltp_stages_from_finetuned}' module.init_from=..."""
     finetuned = train(compose_app("train", FAST, tmp_path / "finetune"))["last_checkpoint"]
-    args = [*FAST, "experiment=ltp", "stages=${ltp_stages_from_finetuned}", f"module.init_from={finetuned}",
-            "run_name=ltp", f"paths.root={tmp_path}"]
-    done = run_cli("lightning_modules.train_app", args, tmp_path)
+    args = [
+        *FAST,
+        "experiment=ltp",
+        "stages=${ltp_stages_from_finetuned}",
+        f"module.init_from={finetuned}",
+        "run_name=ltp",
+        f"paths.root={tmp_path}",
+    ]
+    done = run_cli("tokenprune.apps.train", args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next(tmp_path.glob("train/ltp/*/results.json")).read_text())
     assert list(results["stages"]) == ["soft", "hard"]

@@ -1,16 +1,17 @@
 """tokenprune-search: grid curves, Pareto front, on-disk cache and resume."""
+
 from __future__ import annotations
 
 import json
 
 import pandas as pd
 import pytest
-
 from apps import FAST, compose_app, record_search_evaluations, searched
-from lightning_modules.train_app import train
-from search.pareto import hypervolume, pareto_front
-from search.search_app import cache_path, run_search
-from search.store import CandidateStore
+
+from tokenprune.apps.search import cache_path, run_search
+from tokenprune.apps.train import train
+from tokenprune.search.pareto import hypervolume, pareto_front
+from tokenprune.search.store import CandidateStore
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,11 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 def search_cfg(tmp_path, checkpoint, name, extra=()):
-    return compose_app("search", ["logger=csv", f"checkpoint={checkpoint}", "search=keep_ratio_grid",
-                                  "search.values=[0.3,0.6,1.0]", *extra], tmp_path / name)
+    return compose_app(
+        "search",
+        ["logger=csv", f"checkpoint={checkpoint}", "search=keep_ratio_grid", "search.values=[0.3,0.6,1.0]", *extra],
+        tmp_path / name,
+    )
 
 
 def test_front_is_non_dominated_and_hypervolume_grows():
@@ -62,7 +66,7 @@ def test_cache_is_shared_by_pruner_configuration_not_by_name(tmp_path, checkpoin
     run_search(search_cfg(tmp_path, checkpoint, "first"))
     scored.clear()
     run_search(search_cfg(tmp_path, checkpoint, "wider", ["search.values=[0.3,0.45,0.6,1.0]"]))
-    assert searched(scored) == ["search keep_ratio=0.45"]
+    assert searched(scored) == ["val keep_ratio=0.45"]
     scored.clear()
     run_search(search_cfg(tmp_path, checkpoint, "other_pruner", ["search.pruner.start_layer=2"]))
     assert len(searched(scored)) == 3, "same names, other pruner: all new"

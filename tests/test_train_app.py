@@ -1,4 +1,5 @@
 """tokenprune-train end to end on the tiny backbone: results, resume, bad input, no overwrites."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from apps import FAST, compose_app, run_cli
 from hydra.errors import HydraException
 
-from apps import FAST, compose_app, run_cli
-from lightning_modules.base import load_module
-from lightning_modules.train_app import train
+from tokenprune.apps.train import train
+from tokenprune.modules.loading import load_module
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +24,15 @@ def topk_run(tmp_path_factory) -> dict:
 
 def test_train_reports_metrics_flops_and_kept_tokens(topk_run):
     report = topk_run["report"]
-    assert 0.0 <= report["test/accuracy"] <= 1.0 and "test/unpruned_accuracy" in report
-    assert 0.3 < report["test/flops_ratio"] < 0.9
-    assert report["test/kept_fraction/layer_0"] == 1.0
-    assert report["test/kept_fraction/layer_1"] == pytest.approx(0.5, abs=0.05)
+    assert 0.0 <= report["report/accuracy"] <= 1.0 and "report/unpruned_accuracy" in report
+    assert 0.3 < report["report/flops_ratio"] < 0.9
+    assert report["report/kept_fraction/layer_0"] == 1.0
+    assert report["report/kept_fraction/layer_1"] == pytest.approx(0.5, abs=0.05)
     run_dir = Path(topk_run["run_dir"])
     assert json.loads((run_dir / "results.json").read_text())["report"] == report
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     metrics = next((run_dir / "csv").rglob("metrics.csv")).read_text()
-    assert "test/flops_ratio" in metrics and "val/accuracy" in metrics
+    assert "report/flops_ratio" in metrics and "val/accuracy" in metrics
 
 
 def test_checkpoint_reloads_as_same_module_with_hf_keys(topk_run):
@@ -75,7 +76,7 @@ def test_rerun_into_an_existing_run_folder_is_refused(topk_run):
         ("pruner.keep_ratio=1.5", r"pruner.keep_ratio=1.5 is outside the allowed range \(0.0, 1.0\]"),
         ("pruner.keep_ratio=0", r"pruner.keep_ratio=0"),
         ("task.max_length=1000", r"task.max_length=1000 is outside \(1, 128\]"),
-        ("module.optim.lr=-0.001", r"module.optim.lr=-0.001 must be > 0"),
+        ("module.optimizer.lr=-0.001", r"module.optimizer.lr=-0.001 must be > 0"),
         ("pruner.start_layer=9", r"pruner.start_layer=9"),
     ],
 )
@@ -100,10 +101,13 @@ def test_checkpoint_from_another_backbone_is_refused(topk_run, tmp_path):
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_cli_multirun_over_pruners(tmp_path, launcher):
     args = ["-m", *FAST, "pruner=none,topk", f"paths.root={tmp_path}", f"hydra/launcher={launcher}"]
-    done = run_cli("lightning_modules.train_app", args, tmp_path)
+    done = run_cli("tokenprune.apps.train", args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted(tmp_path.glob("multirun/*/*/results.json"))
-    assert [json.loads(r.read_text())["run_name"] for r in results] == ["tiny-rt_sentiment-none-s42", "tiny-rt_sentiment-topk-s42"]
+    assert [json.loads(r.read_text())["run_name"] for r in results] == [
+        "tiny-rt_sentiment-none-s42",
+        "tiny-rt_sentiment-topk-s42",
+    ]
 
 
 def test_wandb_logger_runs_offline_and_keeps_the_run_files(tmp_path):
@@ -111,15 +115,23 @@ def test_wandb_logger_runs_offline_and_keeps_the_run_files(tmp_path):
     results = train(compose_app("train", overrides, tmp_path / "wandb_run"))
     runs = list((tmp_path / "wandb_run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
-    assert results["report"]["test/flops_ratio"] < 1.0
+    assert results["report"]["report/flops_ratio"] < 1.0
 
 
 def test_slurm_launcher_config_composes_with_cluster_settings(tmp_path):
     from hydra import compose, initialize_config_module
 
-    with initialize_config_module(version_base="1.3", config_module="conf"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp",
-                                          "hydra.launcher.timeout_min=60"], return_hydra_config=True)
+    with initialize_config_module(version_base="1.3", config_module="tokenprune.conf"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "trainer=ddp",
+                "hydra.launcher.timeout_min=60",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.mem_gb, launcher.timeout_min) == ("gpu", 1, 32, 60)

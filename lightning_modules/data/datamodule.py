@@ -1,4 +1,5 @@
 """LightningDataModule for sequence classification/regression tasks with dynamic padding."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -8,8 +9,8 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import BatchSampler, DataLoader
 from transformers import AutoTokenizer, DataCollatorForTokenClassification, DataCollatorWithPadding
 
-from lightning_modules.data.sampler import BucketShuffleSampler
-from lightning_modules.data.sources import SPLITS
+from tokenprune.data.sampler import BucketShuffleSampler
+from tokenprune.data.sources import SPLITS
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
@@ -24,10 +25,10 @@ def first_subword_labels(word_ids: list[int | None], tags: list[int]) -> list[in
 
 
 class TaskDataModule(L.LightningDataModule):
-    """Tokenizes a task source (train / search / report) and serves padded batches; sequence
+    """Tokenizes a task source (train / val / report) and serves padded batches; sequence
     tasks (one text or a pair) or, with `token_level`, word-list tasks (e.g. NER).
 
-    Validation runs on `search`, test on `report`. Training batches are length-bucketed and
+    Validation runs on `val`, Lightning's test loop on `report`. Training batches are length-bucketed and
     shuffled per epoch from `seed`; evaluation batches are sorted by length. Both keep padding,
     and with it wasted work, small (per-example pruning keeps its speedup).
     """
@@ -64,8 +65,11 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"token-level task.text_columns={self.text_columns} must name one column of word lists")
         self.splits: DatasetDict | None = None
         self.lengths: dict[str, list[int]] = {}
-        self.collate = (DataCollatorForTokenClassification(self.tokenizer) if token_level
-                        else DataCollatorWithPadding(self.tokenizer))
+        self.collate = (
+            DataCollatorForTokenClassification(self.tokenizer)
+            if token_level
+            else DataCollatorWithPadding(self.tokenizer)
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -82,10 +86,12 @@ class TaskDataModule(L.LightningDataModule):
 
         def encode(batch: dict) -> dict:
             if self.token_level:
-                encoded = self.tokenizer(batch[columns[0]], is_split_into_words=True, truncation=True,
-                                         max_length=self.max_length)
-                encoded["labels"] = [first_subword_labels(encoded.word_ids(i), tags)
-                                     for i, tags in enumerate(batch[self.label_column])]
+                encoded = self.tokenizer(
+                    batch[columns[0]], is_split_into_words=True, truncation=True, max_length=self.max_length
+                )
+                encoded["labels"] = [
+                    first_subword_labels(encoded.word_ids(i), tags) for i, tags in enumerate(batch[self.label_column])
+                ]
             else:
                 texts = [[text or "" for text in batch[column]] for column in columns]
                 encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
@@ -102,8 +108,9 @@ class TaskDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         assert self.splits is not None, "call setup() first"
-        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self.splits[split], batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=self.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         assert self.splits is not None, "call setup() first"
@@ -113,7 +120,7 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(train, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("search")
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("report")

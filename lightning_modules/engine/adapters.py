@@ -4,11 +4,13 @@ An adapter only points at the HF model's own sub-modules (embeddings, Q/K/V/outp
 LayerNorms, FFN, classifier), so parameters and state_dict keys stay exactly those of the HF
 model. The engine owns the layer loop and the attention arithmetic between those modules.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +34,8 @@ class EncoderAdapter(ABC):
     """Common interface of a backbone family. Subclasses only locate modules."""
 
     def __init__(self, model: PreTrainedModel) -> None:
-        self.model = model
+        # HF sub-modules are found by attribute name, which static typing cannot follow: Any.
+        self.model: Any = model
         config = model.config
         self.num_layers: int = config.num_hidden_layers
         self.num_heads: int = config.num_attention_heads
@@ -63,8 +66,8 @@ class BertFamilyAdapter(EncoderAdapter):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__(model)
-        self.base = model.base_model
-        self._layers = self.base.encoder.layer
+        self.base: Any = self.model.base_model
+        self._layers: Any = self.base.encoder.layer
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
         hidden = self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
@@ -97,8 +100,8 @@ class DistilBertAdapter(EncoderAdapter):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__(model)
         self.intermediate_size = model.config.hidden_dim
-        self.base = model.base_model
-        self._layers = self.base.transformer.layer
+        self.base: Any = self.model.base_model
+        self._layers: Any = self.base.transformer.layer
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
         return self.base.embeddings(input_ids=input_ids)

@@ -7,12 +7,13 @@ fused kernel at n = 128 on CPU. Computing them for a few examples at a time keep
 cache: measured on 2 CPU cores, MiniLM-L6 shapes (B = 32, H = 12, d_h = 32), 1.5x the fused
 kernel at n = 128 and on par with it at n <= 88, where pruned layers spend most of their time.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from lightning_modules.engine.scoring import score_vector
+from tokenprune.engine.scoring import score_vector
 
 CHUNK_ELEMENTS = 1 << 20  # attention probabilities per chunk: 4 MiB in float32
 
@@ -29,7 +30,9 @@ def softmax_attention(query: Tensor, key: Tensor, additive: Tensor) -> Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def attention_with_scores(query: Tensor, key: Tensor, value: Tensor, additive: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def attention_with_scores(
+    query: Tensor, key: Tensor, value: Tensor, additive: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
     """Context (B, h, n, d_h) of every query row and the score vector SV (B, n).
 
     additive: (B, 1, 1, n) key mask added to the logits; mask: (B, n) bool, real tokens. Equal to

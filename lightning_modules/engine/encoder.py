@@ -6,6 +6,7 @@ projection and FFN for the kept rows only, and (c) slice attention heads. Layers
 prune use fused scaled-dot-product attention; pruning layers compute probabilities one batch
 chunk at a time at inference (engine/attention.py), on the whole batch when training.
 """
+
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
@@ -14,16 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.engine.adapters import EncoderAdapter, LayerParts
-from lightning_modules.engine.attention import attention_with_scores, chunked_attention_applies, softmax_attention
-from lightning_modules.engine.scoring import score_vector
-from lightning_modules.engine.state import EncoderOutput, LayerTrace, TokenState
-from lightning_modules.pruners.base import TokenPruner
+from tokenprune.engine.adapters import EncoderAdapter, LayerParts
+from tokenprune.engine.attention import attention_with_scores, chunked_attention_applies, softmax_attention
+from tokenprune.engine.pruner import TokenPruner
+from tokenprune.engine.scoring import score_vector
+from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
 
 
 def _project(linear: torch.nn.Linear, x: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
     """Q/K/V projection of x (B, n, d) to (B, h, n, d_h), computing only the rows of `heads`."""
-    weight, bias = linear.weight, linear.bias
+    weight: Tensor = linear.weight
+    bias: Tensor | None = linear.bias
     if heads is not None:
         weight = weight.view(-1, head_dim, weight.shape[-1])[heads].flatten(0, 1)
         bias = bias.view(-1, head_dim)[heads].flatten() if bias is not None else None
@@ -90,11 +92,11 @@ class PrunableEncoder:
                 continue
             layer_heads = heads[index] if heads is not None else None
             prune = pruner is not None and pruner.prunes_at(index) and not pruner.keeps_all(index, state)
-            if restore and prune:
+            if full is not None and prune:
                 full = self._write_back(full, state)
             state, layer_trace = self._layer(index, adapter.layer(index), state, pruner if prune else None, layer_heads)
             trace.append(layer_trace)
-        if restore:
+        if full is not None:
             full = self._write_back(full, state)[:, :-1]
             return EncoderOutput(full, attention_mask.bool(), TokenState.start(full, attention_mask).positions, trace)
         return EncoderOutput(state.hidden, state.mask, state.positions, trace)
@@ -143,8 +145,9 @@ class PrunableEncoder:
             if full_context is None:
                 full_context = self._context(probs, query, key, value, additive, dropout, training)
             hidden = self._finish(parts, full_context, x, heads) * decision[..., None]
-            trace = LayerTrace(n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision,
-                               scores=scores, score_mask=state.mask)
+            trace = LayerTrace(
+                n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision, scores=scores, score_mask=state.mask
+            )
             return state.with_hidden(hidden), trace
 
         slots, new_mask = state.gather_index(decision)
@@ -155,8 +158,9 @@ class PrunableEncoder:
             context = self._context(kept_probs, _rows(query, slots, dim=2), key, value, additive, dropout, training)
         hidden = self._finish(parts, context, _rows(x, slots, dim=1), heads)
         n_out = new_mask.sum(dim=1)
-        trace = LayerTrace(n_in, n_in if scored else n_out, n_out, n_heads, scored=scored,
-                           scores=scores, score_mask=state.mask)
+        trace = LayerTrace(
+            n_in, n_in if scored else n_out, n_out, n_heads, scored=scored, scores=scores, score_mask=state.mask
+        )
         return state.select(slots, new_mask, hidden), trace
 
     @staticmethod

@@ -1,4 +1,5 @@
 """Token importance scores and keep-mask helpers shared by every pruner (DESIGN.md s.4)."""
+
 from __future__ import annotations
 
 import torch

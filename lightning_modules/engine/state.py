@@ -1,4 +1,5 @@
 """Token bookkeeping for the prunable encoder: which tokens survive, where they came from."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ How l_i applies to an example with n real tokens is `length_unit`:
 FLOPs are always counted on real lengths (DESIGN.md s.4). Measured on MiniLM-L6 x rt_sentiment
 (README "Measured"): at the same FLOPs, `tokens` is clearly more accurate on real text.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,10 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import Tensor
 
-from lightning_modules.engine.scoring import keep_top
-from lightning_modules.engine.state import TokenState
-from lightning_modules.pruners.base import TokenPruner, check_choice, check_range
+from tokenprune.checks import check_choice, check_range
+from tokenprune.engine.pruner import TokenPruner
+from tokenprune.engine.scoring import keep_top
+from tokenprune.engine.state import TokenState
 
 Gene = tuple[int, ...]
 LENGTH_UNITS = ("tokens", "fraction")
@@ -56,8 +58,9 @@ def smallest_gene(num_layers: int, start_length: int, drop_prob: float) -> Gene:
     return constant_ratio_gene(num_layers, start_length, 1 - drop_prob)
 
 
-def sample_gene(num_layers: int, start_length: int, drop_prob: float, rng: random.Random,
-                skipped: Collection[int] = ()) -> Gene:
+def sample_gene(
+    num_layers: int, start_length: int, drop_prob: float, rng: random.Random, skipped: Collection[int] = ()
+) -> Gene:
     """LengthDrop: l_i ~ U[ceil((1 - p) * l_{i-1}), l_{i-1}] with l_0 = start_length; a layer that
     LayerDrop skips keeps the previous length (as in the reference implementation)."""
     lengths, previous = [], start_length
@@ -71,11 +74,20 @@ def sample_gene(num_layers: int, start_length: int, drop_prob: float, rng: rando
 class LengthConfigPruner(TokenPruner):
     """Significance top-k keeping, after layer i, the tokens that length l_i allows (see module doc)."""
 
-    def __init__(self, num_layers: int, lengths: Sequence[int] | None = None, reference_length: int = 128,
-                 length_unit: str = "tokens") -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        lengths: Sequence[int] | None = None,
+        reference_length: int = 128,
+        length_unit: str = "tokens",
+    ) -> None:
         super().__init__(num_layers)
         check_choice("pruner.length_unit", length_unit, LENGTH_UNITS)
-        self.gene = check_gene(lengths, num_layers, reference_length) if lengths is not None else (reference_length,) * num_layers
+        self.gene = (
+            check_gene(lengths, num_layers, reference_length)
+            if lengths is not None
+            else (reference_length,) * num_layers
+        )
         self.reference_length = reference_length
         self.length_unit = length_unit
 

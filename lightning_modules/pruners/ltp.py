@@ -12,14 +12,16 @@ rows too, which makes its score depend on how much padding a batch has.
 * hard stage and every evaluation: tokens with s_j < theta_l are removed (per-example lengths).
 [CLS] is never pruned in either stage.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.engine.scoring import keep_above
-from lightning_modules.engine.state import TokenState
-from lightning_modules.pruners.base import TokenPruner, check_range
+from tokenprune.checks import check_range
+from tokenprune.engine.pruner import TokenPruner
+from tokenprune.engine.scoring import keep_above
+from tokenprune.engine.state import TokenState
 
 
 class LTPPruner(TokenPruner):
@@ -42,7 +44,9 @@ class LTPPruner(TokenPruner):
         self.temperature = temperature
         self.reference_length = reference_length
         self.soft = soft
-        self.register_buffer("base", torch.tensor([final_threshold * layer / num_layers for layer in range(num_layers)]))
+        self.register_buffer(
+            "base", torch.tensor([final_threshold * layer / num_layers for layer in range(num_layers)])
+        )
         self.offset = nn.Parameter(torch.zeros(num_layers))
 
     @property
@@ -60,6 +64,7 @@ class LTPPruner(TokenPruner):
         return scores / self.reference_length
 
     def select(self, layer: int, scores: Tensor | None, state: TokenState) -> Tensor:
+        assert scores is not None, "needs_scores: the engine passes the score vector"
         score = self.normalised(scores)
         threshold = self.thresholds[layer]
         if self.soft:

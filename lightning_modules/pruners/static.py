@@ -6,6 +6,7 @@
   linearly from 1 to `final_ratio` over the layers.
 * RandomPruner: the same schedule, tokens chosen uniformly at random ([CLS] kept).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,9 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_modules.engine.scoring import keep_top
-from lightning_modules.engine.state import TokenState
-from lightning_modules.pruners.base import TokenPruner, check_range
+from tokenprune.checks import check_range
+from tokenprune.engine.pruner import TokenPruner
+from tokenprune.engine.scoring import keep_top
+from tokenprune.engine.state import TokenState
 
 
 def constant_schedule(num_layers: int, keep_ratio: float, start_layer: int) -> list[float]:
@@ -53,7 +55,9 @@ class ScheduledPruner(TokenPruner):
         for layer, ratio in enumerate(ratios):
             check_range(f"pruner.layer_keep_ratios[{layer}]", ratio, 0.0, 1.0, low_open=True)
         if any(later > earlier for earlier, later in zip(ratios, ratios[1:])):
-            raise ValueError(f"pruner.layer_keep_ratios must be non-increasing (removed tokens cannot return): {ratios}")
+            raise ValueError(
+                f"pruner.layer_keep_ratios must be non-increasing (removed tokens cannot return): {ratios}"
+            )
         self.ratios = ratios
 
     def prunes_at(self, layer: int) -> bool:
@@ -90,6 +94,7 @@ class TopKPruner(ScheduledPruner):
         super().__init__(num_layers, layer_keep_ratios)
 
     def rank(self, scores: Tensor | None, state: TokenState) -> Tensor:
+        assert scores is not None, "needs_scores: the engine passes the score vector"
         return scores
 
 
@@ -110,4 +115,3 @@ class RandomPruner(ScheduledPruner):
 
     def rank(self, scores: Tensor | None, state: TokenState) -> Tensor:
         return torch.rand(state.mask.shape, device=state.mask.device)
-

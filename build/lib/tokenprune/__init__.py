@@ -1,0 +1,1 @@
+"""Adaptive token pruning methods as LightningModules, on one prunable-encoder engine."""

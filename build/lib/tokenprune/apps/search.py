@@ -1,0 +1,188 @@
+"""`tokenprune-search`: accuracy-vs-FLOPs search over pruning configurations of a trained model.
+
+    tokenprune-search checkpoint=outputs/train/.../checkpoints/last.ckpt search=keep_ratio_grid
+    tokenprune-search checkpoint=... search=threshold_grid 'search.values=[0.005,0.01,0.02]'
+
+Candidates are scored on the task's `search` split with physically pruned forwards; the Pareto
+front is then evaluated on the `report` split. Every evaluation is cached on disk under
+`<outputs>/search/<run_name>/cache-<digest>.jsonl` (digest of the checkpoint file), keyed by split
+and pruner configuration: rerunning a killed search resumes without re-evaluating anything, and a
+longer or wider search of the same checkpoint (more iterations, other bounds) reuses every
+configuration already scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tokenprune.config import plain_errors
+from tokenprune.modules.length_adaptive import LengthAdaptiveModule
+from tokenprune.modules.loading import load_module
+from tokenprune.pruners.length import LengthConfigPruner
+from tokenprune.search.context import SearchContext
+from tokenprune.search.evaluate import datamodule_for, evaluate
+from tokenprune.search.evolution import ConstantRatioSearch
+from tokenprune.search.pareto import hypervolume, pareto_front, plot_fronts
+from tokenprune.search.store import CandidateStore
+
+log = logging.getLogger(__name__)
+
+VAL_CURVE = "val split"  # every candidate, val split; the other curves are on the report split
+
+
+def cache_path(cfg: DictConfig) -> Path:
+    """One cache per checkpoint file (path, size, mtime) and run name. The search settings are not
+    part of it: a score depends only on the model, the split and the pruner configuration."""
+    checkpoint = Path(cfg.checkpoint).resolve()
+    stat = checkpoint.stat()
+    identity = json.dumps([str(checkpoint), stat.st_size, stat.st_mtime_ns])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return Path(cfg.paths.root) / "search" / cfg.run_name / f"cache-{digest}.jsonl"
+
+
+def cache_key(split: str, pruner_cfg: dict[str, Any]) -> str:
+    """A candidate's identity: its split and its full pruner configuration, not its display name
+    (`keep_ratio=0.5` means different pruners under different `search.pruner` settings)."""
+    return f"{split}:{json.dumps(pruner_cfg, sort_keys=True)}"
+
+
+def run_search(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.checkpoint is None or not Path(cfg.checkpoint).is_file():
+        raise FileNotFoundError(
+            f"checkpoint={cfg.checkpoint} is not a file; tokenprune-search needs a trained checkpoint"
+        )
+    torch.set_num_threads(int(cfg.threads))
+    with plain_errors():
+        strategy = instantiate(cfg.search, _convert_="all")
+    module = load_module(cfg.checkpoint).to(torch.device(cfg.device))
+    if strategy.requires_length_adaptive and not isinstance(module, LengthAdaptiveModule):
+        raise ValueError(
+            f"search={HydraConfig.get().runtime.choices['search']} needs a Length-Adaptive checkpoint "
+            f"(module=length_adaptive); {cfg.checkpoint} was trained by {type(module).__name__}"
+        )
+    data = datamodule_for(module, cfg.eval_batch_size)
+    store = CandidateStore(cache_path(cfg))
+    main = module.hparams["task"]["main_metric"]
+
+    def score(key: str, pruner_cfg: dict[str, Any], split: str = "val") -> dict[str, Any]:
+        identity = cache_key(split, pruner_cfg)
+        if identity in store:
+            return {**store.get(identity), "candidate": key}
+        pruner = instantiate(pruner_cfg, num_layers=module.adapter.num_layers) if pruner_cfg.get("_target_") else None
+        loader = data.val_dataloader() if split == "val" else data.test_dataloader()
+        result = evaluate(module, loader, pruner, desc=f"{split} {key}")
+        return store.add(
+            identity, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg}
+        )
+
+    template = (
+        module.pruner
+        if isinstance(module.pruner, LengthConfigPruner)
+        else LengthConfigPruner(module.adapter.num_layers, reference_length=int(module.hparams["task"]["max_length"]))
+    )
+    context = SearchContext(module.dims, template, data.lengths["val"], score)
+    candidates = pd.DataFrame(strategy.run(context))
+    front = pareto_front(candidates, "score", "flops_ratio")
+    reported = pd.DataFrame(
+        [score(row.candidate, row.pruner, split="report") | extra_columns(row) for row in front.itertuples()]
+    )
+    curves = {VAL_CURVE: candidates, "front, report split": reported}
+    if cfg.compare_constant_ratios:
+        baseline = ConstantRatioSearch(list(cfg.compare_constant_ratios)).run(context)
+        curves["constant ratio, report split"] = pd.DataFrame(
+            [score(r["candidate"], r["pruner"], split="report") for r in baseline]
+        )
+    unpruned = score("unpruned", {"_target_": None}, split="report")
+    summary = {
+        "evaluated": store.added,
+        "cache_hits": store.hits,
+        "cache_size": len(store.records),
+        "cache": str(store.path),
+        "val_hypervolume": hypervolume(candidates, "score", "flops_ratio"),
+        "report_unpruned_score": unpruned["score"],
+        "report_unpruned_gflops": unpruned["gflops"],
+        "main_metric": main,
+    }
+    write_outputs(cfg, candidates, reported, curves, context.history, summary)
+    return {"candidates": candidates, "front": reported, "curves": curves, "history": context.history, **summary}
+
+
+def extra_columns(row: Any) -> dict[str, Any]:
+    """Carry a front member's search-time bookkeeping (gene, origin, parents) to its report row."""
+    return {k: getattr(row, k) for k in ("gene", "origin", "parents") if hasattr(row, k)}
+
+
+def write_outputs(
+    cfg: DictConfig,
+    candidates: pd.DataFrame,
+    front: pd.DataFrame,
+    curves: dict[str, pd.DataFrame],
+    history: list[dict[str, float]],
+    summary: dict[str, Any],
+) -> None:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    candidates.drop(columns=["pruner"]).to_csv(out / "candidates.csv", index=False)
+    if "gene" in front:
+        front = front.assign(
+            bench=[
+                f"tokenprune-bench checkpoint={Path(cfg.checkpoint).resolve()} checkpoint_pruner=false "
+                f"pruner=length_adaptive 'pruner.lengths={list(g)}' "
+                f"pruner.length_unit={p['length_unit']}"
+                for g, p in zip(front.gene, front.pruner)
+            ]
+        )
+    front.drop(columns=["pruner"]).to_csv(out / "front.csv", index=False)
+    report_curves = [curve.assign(curve=name) for name, curve in curves.items() if name != VAL_CURVE]
+    pd.concat(report_curves).drop(columns=["pruner"]).to_csv(out / "report_curves.csv", index=False)
+    (out / "summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    plot = plot_fronts(
+        curves,
+        "score",
+        "gflops",
+        out / "front.png",
+        f"{cfg.run_name}",
+        unpruned=(summary["report_unpruned_gflops"], summary["report_unpruned_score"]),
+    )
+    for node in (cfg.logger or {}).values():
+        logger = instantiate(node)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        for point in history:  # front quality per iteration: convergence is visible
+            logger.log_metrics(
+                {f"search/{k}": v for k, v in point.items() if k != "iteration"}, step=int(point["iteration"])
+            )
+        logger.log_metrics({f"search/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+        if hasattr(logger, "log_table"):
+            logger.log_table("search/front", dataframe=front.drop(columns=["pruner"]))
+            logger.log_image("search/front_plot", images=[str(plot)])
+        logger.finalize("success")
+    columns = ["candidate", "score", "flops_ratio", "gflops"]
+    print(front[columns].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    log.info(
+        "search wrote %s (%d evaluated now, %d from cache; the cache holds %d)",
+        out,
+        summary["evaluated"],
+        summary["cache_hits"],
+        summary["cache_size"],
+    )
+
+
+@hydra.main(version_base="1.3", config_path="pkg://tokenprune.conf", config_name="search")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    run_search(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Build a HF model + engine adapter + tokenizer path from a `conf/backbone/*.yaml` spec.
+
+A spec has `name`, `pretrained` (a hub id / local folder, or a `_target_` node returning one,
+or null for random weights), `tokenizer` (same forms), `config` (overrides,
+or the full config when `pretrained` is null) and `adapter` (a `_target_` node, `_partial_`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.utils import instantiate
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from tokenprune.engine.adapters import EncoderAdapter
+
+# Families whose position ids start after the padding index (RoBERTa's learned offset).
+_POSITION_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "camembert")
+
+
+def resolve_location(value: Any) -> str | None:
+    """A path/hub id given directly, or computed by a `_target_` node (packaged models)."""
+    if isinstance(value, Mapping) and "_target_" in value:
+        return str(instantiate(value))
+    return None if value is None else str(value)
+
+
+def tokenizer_location(spec: Mapping[str, Any]) -> str:
+    location = resolve_location(spec.get("tokenizer"))
+    if location is None:
+        raise ValueError(f"backbone.tokenizer is missing for backbone={spec.get('name')}")
+    return location
+
+
+def usable_positions(config: PretrainedConfig) -> int:
+    """Longest input (in tokens) the backbone's position embeddings can encode."""
+    offset = config.pad_token_id + 1 if config.model_type in _POSITION_OFFSET_FAMILIES else 0
+    return config.max_position_embeddings - offset
+
+
+def load_config(spec: Mapping[str, Any], num_labels: int) -> PretrainedConfig:
+    overrides = dict(spec.get("config") or {})
+    pretrained = resolve_location(spec.get("pretrained"))
+    if pretrained is None:
+        model_type = overrides.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"backbone '{spec.get('name')}' has pretrained=null, so config.model_type is required")
+        config = AutoConfig.for_model(model_type, **overrides)
+    else:
+        config = AutoConfig.from_pretrained(pretrained, **overrides)
+    config.num_labels = num_labels
+    if num_labels == 1:
+        config.problem_type = "regression"
+    return config
+
+
+def load_backbone(
+    spec: Mapping[str, Any], num_labels: int, token_level: bool = False
+) -> tuple[PreTrainedModel, EncoderAdapter]:
+    """The HF model with a sequence (or token) classification head, and its engine adapter."""
+    config = load_config(spec, num_labels)
+    auto = AutoModelForTokenClassification if token_level else AutoModelForSequenceClassification
+    pretrained = resolve_location(spec.get("pretrained"))
+    model = auto.from_config(config) if pretrained is None else auto.from_pretrained(pretrained, config=config)
+    adapter = instantiate(spec["adapter"])(model)
+    return model, adapter
+
+
+def assert_same_backbone(checkpoint_hparams: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint trained on another backbone, naming both."""
+    saved = (checkpoint_hparams.get("backbone") or {}).get("name")
+    if saved is not None and saved != spec.get("name"):
+        raise ValueError(
+            f"ckpt_path holds a '{saved}' checkpoint but backbone={spec.get('name')}; "
+            f"run with backbone={saved} or pick a checkpoint of {spec.get('name')}"
+        )

@@ -1,0 +1,1 @@
+"""Hydra configuration tree (a package so installed entry points find it)."""

@@ -1,0 +1,1 @@
+"""Task sources and LightningDataModules."""

@@ -1,0 +1,126 @@
+"""LightningDataModule for sequence classification/regression tasks with dynamic padding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+from datasets import Dataset, DatasetDict
+from torch.utils.data import BatchSampler, DataLoader
+from transformers import AutoTokenizer, DataCollatorForTokenClassification, DataCollatorWithPadding
+
+from tokenprune.data.sampler import BucketShuffleSampler
+from tokenprune.data.sources import SPLITS
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def first_subword_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:
+    """Word labels on each word's first sub-word; -100 (ignored) on the rest and on specials."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(-100 if word is None or word == previous else tags[word])
+        previous = word
+    return labels
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Tokenizes a task source (train / val / report) and serves padded batches; sequence
+    tasks (one text or a pair) or, with `token_level`, word-list tasks (e.g. NER).
+
+    Validation runs on `val`, Lightning's test loop on `report`. Training batches are length-bucketed and
+    shuffled per epoch from `seed`; evaluation batches are sorted by length. Both keep padding,
+    and with it wasted work, small (per-example pruning keeps its speedup).
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], DatasetDict],
+        tokenizer: str,
+        text_columns: Sequence[str],
+        max_length: int,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        label_column: str = "label",
+        seed: int = 0,
+        token_level: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
+        if not 1 <= len(text_columns) <= 2:
+            raise ValueError(f"task.text_columns={list(text_columns)} must name one column or a pair")
+        self.source = source
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.text_columns = list(text_columns)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.label_column = label_column
+        self.seed = seed
+        self.token_level = token_level
+        if token_level and len(self.text_columns) != 1:
+            raise ValueError(f"token-level task.text_columns={self.text_columns} must name one column of word lists")
+        self.splits: DatasetDict | None = None
+        self.lengths: dict[str, list[int]] = {}
+        self.collate = (
+            DataCollatorForTokenClassification(self.tokenizer)
+            if token_level
+            else DataCollatorWithPadding(self.tokenizer)
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        raw = self.source()
+        missing = [name for name in SPLITS if name not in raw]
+        if missing:
+            raise ValueError(f"task source returned splits {list(raw)}; missing {missing}")
+        self.splits = DatasetDict({name: self._tokenize(raw[name], name) for name in SPLITS})
+
+    def _tokenize(self, split: Dataset, name: str) -> Dataset:
+        """Tokenize without padding; evaluation splits are sorted longest first."""
+        columns = self.text_columns
+
+        def encode(batch: dict) -> dict:
+            if self.token_level:
+                encoded = self.tokenizer(
+                    batch[columns[0]], is_split_into_words=True, truncation=True, max_length=self.max_length
+                )
+                encoded["labels"] = [
+                    first_subword_labels(encoded.word_ids(i), tags) for i, tags in enumerate(batch[self.label_column])
+                ]
+            else:
+                texts = [[text or "" for text in batch[column]] for column in columns]
+                encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+                encoded["labels"] = batch[self.label_column]
+            encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+            return encoded
+
+        encoded = split.map(encode, batched=True, remove_columns=split.column_names, desc="tokenizing")
+        if name != "train":
+            encoded = encoded.sort("length", reverse=True)
+        self.lengths[name] = list(encoded["length"])
+        encoded.set_format("torch", columns=[name for name in MODEL_INPUTS if name in encoded.column_names])
+        return encoded
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        assert self.splits is not None, "call setup() first"
+        return DataLoader(
+            self.splits[split], batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=self.num_workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.splits is not None, "call setup() first"
+        train = self.splits["train"]
+        order = BucketShuffleSampler(self.lengths["train"], self.batch_size, seed=self.seed)
+        batches = BatchSampler(order, self.batch_size, drop_last=False)
+        return DataLoader(train, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("report")

@@ -1,0 +1,184 @@
+"""The prunable encoder: one layer loop shared by every pruning method (DESIGN.md s.3).
+
+The loop reuses the HF modules through an adapter and owns only the attention arithmetic, so
+that it can (a) give a pruner the score vector in the layers that prune, (b) compute the output
+projection and FFN for the kept rows only, and (c) slice attention heads. Layers that do not
+prune use fused scaled-dot-product attention; pruning layers compute probabilities one batch
+chunk at a time at inference (engine/attention.py), on the whole batch when training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tokenprune.engine.adapters import EncoderAdapter, LayerParts
+from tokenprune.engine.attention import attention_with_scores, chunked_attention_applies, softmax_attention
+from tokenprune.engine.pruner import TokenPruner
+from tokenprune.engine.scoring import score_vector
+from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
+
+
+def _project(linear: torch.nn.Linear, x: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
+    """Q/K/V projection of x (B, n, d) to (B, h, n, d_h), computing only the rows of `heads`."""
+    weight: Tensor = linear.weight
+    bias: Tensor | None = linear.bias
+    if heads is not None:
+        weight = weight.view(-1, head_dim, weight.shape[-1])[heads].flatten(0, 1)
+        bias = bias.view(-1, head_dim)[heads].flatten() if bias is not None else None
+    out = F.linear(x, weight, bias)
+    return out.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+def _out_project(linear: torch.nn.Linear, context: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
+    """Output projection of context (B, h, m, d_h) to (B, m, d), using the columns of `heads`."""
+    weight = linear.weight
+    if heads is not None:
+        weight = weight.view(weight.shape[0], -1, head_dim)[:, heads].flatten(1, 2)
+    return F.linear(context.transpose(1, 2).flatten(2), weight, linear.bias)
+
+
+def _rows(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
+    """Rows `index` (B, m) along `dim` of a (B, n, ...) or (B, H, n, ...) tensor.
+
+    One index_select over a flattened view copies whole contiguous rows; torch.gather with an
+    expanded index is several times slower on CPU for attention-sized tensors.
+    """
+    lead, rest = tensor.shape[:dim], tensor.shape[dim + 1 :]
+    length, kept = tensor.shape[dim], index.shape[1]
+    offsets = torch.arange(lead.numel(), device=index.device).view(*lead, 1) * length
+    flat = (index.view(index.shape[0], *([1] * (dim - 1)), kept) + offsets).flatten()
+    return tensor.reshape(-1, *rest).index_select(0, flat).view(*lead, kept, *rest)
+
+
+class PrunableEncoder:
+    """Runs a HF encoder layer by layer, letting a TokenPruner remove tokens.
+
+    Not an nn.Module: the parameters belong to the HF model the adapter wraps.
+    """
+
+    def __init__(self, adapter: EncoderAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None = None,
+        pruner: TokenPruner | None = None,
+        heads: Sequence[Tensor | None] | None = None,
+        skip_layers: Collection[int] = (),
+        restore: bool = False,
+    ) -> EncoderOutput:
+        """Encode a batch.
+
+        heads: per layer, the indices of the attention heads to keep (None = all).
+        skip_layers: layers bypassed entirely (LayerDrop).
+        restore: return a full-length sequence where every dropped token keeps the hidden
+            state it had when it was dropped, at its original position (Drop-and-Restore).
+        """
+        adapter = self.adapter
+        state = TokenState.start(adapter.embed(input_ids, token_type_ids), attention_mask)
+        batch, length, width = state.hidden.shape
+        full = state.hidden.new_zeros(batch, length + 1, width) if restore else None  # Drop-and-Restore buffer
+        trace: list[LayerTrace] = []
+        for index in range(adapter.num_layers):
+            if index in skip_layers:
+                lengths = state.lengths
+                trace.append(LayerTrace(lengths, lengths * 0, lengths, heads=0, skipped=True))
+                continue
+            layer_heads = heads[index] if heads is not None else None
+            prune = pruner is not None and pruner.prunes_at(index) and not pruner.keeps_all(index, state)
+            if full is not None and prune:
+                full = self._write_back(full, state)
+            state, layer_trace = self._layer(index, adapter.layer(index), state, pruner if prune else None, layer_heads)
+            trace.append(layer_trace)
+        if full is not None:
+            full = self._write_back(full, state)[:, :-1]
+            return EncoderOutput(full, attention_mask.bool(), TokenState.start(full, attention_mask).positions, trace)
+        return EncoderOutput(state.hidden, state.mask, state.positions, trace)
+
+    @staticmethod
+    def _write_back(full: Tensor, state: TokenState) -> Tensor:
+        """Scatter the real tokens of `state` to their original positions; the rest to a spare slot."""
+        spare = full.shape[1] - 1
+        destination = state.positions.masked_fill(~state.mask, spare)
+        return full.scatter(1, destination[..., None].expand_as(state.hidden), state.hidden)
+
+    def _layer(
+        self,
+        index: int,
+        parts: LayerParts,
+        state: TokenState,
+        pruner: TokenPruner | None,
+        heads: Tensor | None,
+    ) -> tuple[TokenState, LayerTrace]:
+        head_dim = self.adapter.head_dim
+        x = state.hidden
+        n_heads = heads.numel() if heads is not None else self.adapter.num_heads
+        training = parts.query.training
+        dropout = parts.attention_dropout if training else 0.0
+        query = _project(parts.query, x, heads, head_dim)
+        key = _project(parts.key, x, heads, head_dim)
+        value = _project(parts.value, x, heads, head_dim)
+        additive = state.additive_mask(x.dtype)
+        n_in = state.lengths
+
+        if pruner is None:
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=additive, dropout_p=dropout)
+            hidden = self._finish(parts, context, x, heads)
+            return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
+
+        probs = scores = full_context = None
+        if pruner.needs_scores and chunked_attention_applies(query, dropout):
+            full_context, scores = attention_with_scores(query, key, value, additive, state.mask)
+        elif pruner.needs_scores:
+            probs = softmax_attention(query, key, additive)
+            scores = score_vector(probs, state.mask)
+        decision = pruner.select(index, scores, state)
+        scored = scores is not None
+
+        if decision.dtype != torch.bool:  # soft weights: full computation, output scaled
+            if full_context is None:
+                full_context = self._context(probs, query, key, value, additive, dropout, training)
+            hidden = self._finish(parts, full_context, x, heads) * decision[..., None]
+            trace = LayerTrace(
+                n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision, scores=scores, score_mask=state.mask
+            )
+            return state.with_hidden(hidden), trace
+
+        slots, new_mask = state.gather_index(decision)
+        if full_context is not None:
+            context = _rows(full_context, slots, dim=2)
+        else:
+            kept_probs = _rows(probs, slots, dim=2) if probs is not None else None
+            context = self._context(kept_probs, _rows(query, slots, dim=2), key, value, additive, dropout, training)
+        hidden = self._finish(parts, context, _rows(x, slots, dim=1), heads)
+        n_out = new_mask.sum(dim=1)
+        trace = LayerTrace(
+            n_in, n_in if scored else n_out, n_out, n_heads, scored=scored, scores=scores, score_mask=state.mask
+        )
+        return state.select(slots, new_mask, hidden), trace
+
+    @staticmethod
+    def _context(
+        probs: Tensor | None,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        additive: Tensor,
+        dropout: float,
+        training: bool,
+    ) -> Tensor:
+        """Attention context: from given probabilities, or fused attention of `query` over all keys."""
+        if probs is None:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=additive, dropout_p=dropout)
+        return torch.matmul(F.dropout(probs, p=dropout, training=training), value)
+
+    def _finish(self, parts: LayerParts, context: Tensor, residual: Tensor, heads: Tensor | None) -> Tensor:
+        """Output projection, residual + LayerNorm, then the FFN block, for the given rows."""
+        projected = _out_project(parts.out_proj, context, heads, self.adapter.head_dim)
+        return parts.feed_forward(parts.add_and_norm(projected, residual))

@@ -1,0 +1,45 @@
+"""Token importance scores and keep-mask helpers shared by every pruner (DESIGN.md s.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def score_vector(probs: Tensor, mask: Tensor) -> Tensor:
+    """Attention received per token, averaged over heads (ACC's SV; PoWER-BERT significance / H).
+
+    SV_j = (1/H) * sum_h sum_{i real} A[h, i, j] for real tokens j, 0 for padding. probs is
+    (B, H, n, n) softmax attention over the current tokens, mask (B, n) marks real tokens; the
+    mean of SV over the real tokens of a row is 1.
+    """
+    real = mask.to(probs.dtype)
+    received = torch.matmul(real[:, None, None, :], probs).sum(dim=1).squeeze(1) / probs.shape[1]
+    return received * real
+
+
+def protect(scores: Tensor, mask: Tensor) -> Tensor:
+    """Scores where [CLS] (slot 0) ranks first and padding ranks last."""
+    ranked = scores.masked_fill(~mask, float("-inf"))
+    ranked[:, 0] = torch.where(mask[:, 0], float("inf"), ranked[:, 0])
+    return ranked
+
+
+def keep_top(scores: Tensor, mask: Tensor, counts: Tensor) -> Tensor:
+    """(B, n) bool mask keeping the `counts[b]` best-scored real tokens of row b ([CLS] always).
+
+    counts is clamped to [1, real length] so at least one token survives in every non-empty row.
+    """
+    counts = torch.minimum(counts.clamp(min=1), mask.sum(dim=1))
+    order = torch.argsort(protect(scores, mask), dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return (ranks < counts[:, None]) & mask
+
+
+def keep_above(scores: Tensor, mask: Tensor, threshold: Tensor | float) -> Tensor:
+    """(B, n) bool mask of real tokens whose score reaches `threshold`, [CLS] always kept."""
+    keep = (scores >= threshold) & mask
+    keep[:, 0] = mask[:, 0]
+    return keep

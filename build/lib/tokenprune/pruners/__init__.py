@@ -1,0 +1,1 @@
+"""Token pruners: the per-layer keep decisions plugged into the engine."""

@@ -1,0 +1,34 @@
+"""Grid search: one pruner setting swept over values on a trained model, no training.
+
+Used for the static baselines' curves (top-k keep ratio, manual threshold) and for the
+constant-ratio curve that the evolutionary search is compared against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tokenprune.config import plain
+from tokenprune.search.context import SearchContext
+
+
+class GridSearch:
+    """Evaluate `pruner` (a `_target_` config) with `parameter` set to each of `values`."""
+
+    requires_length_adaptive = False
+
+    def __init__(self, pruner: Mapping[str, Any], parameter: str, values: Sequence[float]) -> None:
+        if parameter not in pruner:
+            raise ValueError(f"search.parameter={parameter} is not a setting of search.pruner; it has {sorted(pruner)}")
+        if not values:
+            raise ValueError("search.values is empty")
+        self.pruner = plain(pruner)
+        self.parameter = parameter
+        self.values = list(plain(values))
+
+    def run(self, context: SearchContext) -> list[dict[str, Any]]:
+        return [
+            context.score(f"{self.parameter}={value}", {**self.pruner, self.parameter: value}) | {self.parameter: value}
+            for value in self.values
+        ]

@@ -1,0 +1,112 @@
+"""Throughput harness (DESIGN.md s.8): sequences/s after warm-up, median of interleaved repeats,
+same batch for every variant, one process, fixed threads."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+
+def packed_batch(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int, length: int
+) -> dict[str, Tensor]:
+    """A (batch_size, length) batch of real text with no padding: [CLS] text... [SEP] per row.
+
+    Texts are concatenated and cut into rows, so every position is a real token and FLOPs on
+    real lengths equal FLOPs on tensor lengths.
+    """
+    body = length - 2
+    needed = batch_size * body
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(stream) >= needed:
+            break
+    if not stream:
+        raise ValueError("no text to build a benchmark batch from")
+    while len(stream) < needed:
+        stream = stream + stream
+    rows = torch.tensor(stream[:needed]).view(batch_size, body)
+    cls = torch.full((batch_size, 1), tokenizer.cls_token_id)
+    sep = torch.full((batch_size, 1), tokenizer.sep_token_id)
+    input_ids = torch.cat([cls, rows, sep], dim=1)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    variants: Mapping[str, Callable[[], object]],
+    batch_size: int,
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 10,
+    grad: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Time each zero-argument call `variants[name]` (inference mode unless `grad`); repeats are
+    interleaved across variants so that machine noise hits all of them alike. Returns median
+    seconds, sequences/s and the relative spread."""
+    with torch.inference_mode(not grad):
+        return _measure(variants, batch_size, device, warmup, repeats)
+
+
+def _measure(
+    variants: Mapping[str, Callable[[], object]], batch_size: int, device: torch.device, warmup: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    for run in variants.values():
+        for _ in range(warmup):
+            run()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "median_s": statistics.median(samples),
+            "seq_per_s": batch_size / statistics.median(samples),
+            "spread": (max(samples) - min(samples)) / statistics.median(samples),
+        }
+        for name, samples in times.items()
+    }
+
+
+def measure_batches(
+    variants: Mapping[str, Callable[[dict[str, Tensor]], object]],
+    batches: Sequence[dict[str, Tensor]],
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[str, dict[str, float]]:
+    """`measure` over several batches (e.g. a whole split), interleaved batch by batch: each
+    batch's variants are timed back to back, so slow drift of a shared machine hits every variant
+    alike. Per-batch medians add up to the split's time; spread is their time-weighted mean."""
+    per_batch = [
+        measure(
+            {name: partial(run, batch) for name, run in variants.items()},
+            len(batch["input_ids"]),
+            device,
+            warmup,
+            repeats,
+        )
+        for batch in batches
+    ]
+    sequences = sum(len(batch["input_ids"]) for batch in batches)
+    result = {}
+    for name in variants:
+        median = sum(timing[name]["median_s"] for timing in per_batch)
+        spread = sum(timing[name]["spread"] * timing[name]["median_s"] for timing in per_batch) / median
+        result[name] = {"median_s": median, "seq_per_s": sequences / median, "spread": spread}
+    return result

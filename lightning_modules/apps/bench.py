@@ -1,0 +1,225 @@
+"""`tokenprune-bench`: measured throughput vs FLOPs speedup of a pruned configuration.
+
+    tokenprune-bench                                        # MiniLM-L6, topk keep 0.5 from layer 2
+    tokenprune-bench batch_sizes=[1,32] lengths=[64,128,256] pruner=spatten
+    tokenprune-bench checkpoint=outputs/train/.../checkpoints/last.ckpt
+    tokenprune-bench checkpoint=... 'lengths=[report]'        # the task's report split at real lengths
+
+Variants, all on the same batches (one packed real-text batch, or the split's batches, timed
+batch by batch with the variants alternating): `hf_sdpa` (the stock HF model with fused
+attention, the reference), `engine_unpruned` (the engine's own loop, no pruner) and
+`engine_pruned`. The table gives sequences/s, the measured speedup over hf_sdpa, the FLOPs
+speedup (analytic counter) and their quotient.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from transformers import AutoTokenizer
+
+from tokenprune.backbones import tokenizer_location
+from tokenprune.config import plain_errors
+from tokenprune.engine.flops import encoder_macs, unpruned_macs
+from tokenprune.modules.base import TokenPruningModule
+from tokenprune.modules.loading import load_module
+from tokenprune.search.evaluate import datamodule_for
+from tokenprune.throughput import measure, measure_batches, packed_batch
+
+log = logging.getLogger(__name__)
+
+
+def bench_module(cfg: DictConfig) -> TokenPruningModule:
+    """The module to measure: a checkpoint (with its own pruner unless checkpoint_pruner=false,
+    e.g. to measure a searched length configuration) or the backbone with `pruner`."""
+    module = load_module(cfg.checkpoint) if cfg.checkpoint else instantiate(cfg.module)
+    if cfg.checkpoint and not cfg.checkpoint_pruner:
+        with plain_errors():
+            module.pruner = instantiate(cfg.pruner, num_layers=module.adapter.num_layers)
+    if module.pruner is None:
+        raise ValueError("tokenprune-bench needs a pruner (pruner=topk|spatten|random|...), got none")
+    return module.eval()
+
+
+REPORT_SPLIT = "report"  # a `lengths` entry: the task's report split at its real lengths
+
+
+def bench_batches(
+    module: TokenPruningModule, texts: list[str], batch_size: int, length: int | str
+) -> list[dict[str, Tensor]]:
+    """One packed real-text batch of `length` tokens per row, or (length == "report") the module's
+    task report split at its real lengths, length-sorted and padded per batch as evaluation does."""
+    backbone = module.hparams["backbone"]
+    if length == REPORT_SPLIT:
+        loader = datamodule_for(module, batch_size).test_dataloader()
+        return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]
+    limit = module.adapter.max_positions
+    if isinstance(length, str) or not 2 < length <= limit:
+        raise ValueError(
+            f"lengths entry {length} must be an int in (2, {limit}] for backbone={backbone['name']} or '{REPORT_SPLIT}'"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(backbone))
+    return [packed_batch(tokenizer, texts, batch_size, length)]
+
+
+def run_bench(cfg: DictConfig) -> pd.DataFrame:
+    """Measure every (batch size, length) cell; one row per variant."""
+    torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    module = bench_module(cfg).to(device)
+    texts = [row for row in instantiate(cfg.task.source)()["report"][cfg.task.text_columns[0]] if row]
+    module.model.set_attn_implementation("sdpa")
+    rows: list[dict[str, Any]] = []
+    for batch_size in cfg.batch_sizes:
+        for length in cfg.lengths:
+            batches = [
+                {k: v.to(device) for k, v in batch.items()}
+                for batch in bench_batches(module, texts, batch_size, length)
+            ]
+            with torch.inference_mode():
+                traces = [module(batch, pruner=module.pruner)[1].trace for batch in batches]
+            full = sum(float(unpruned_macs(module.dims, b["attention_mask"].sum(dim=1)).sum()) for b in batches)
+            flops_speedup = full / sum(float(encoder_macs(module.dims, trace).sum()) for trace in traces)
+            kept = [
+                torch.cat([trace[layer].n_out for trace in traces]).float().mean() for layer in range(len(traces[0]))
+            ]
+            timings = measure_batches(
+                {
+                    "hf_sdpa": lambda batch: module.model(**batch),
+                    "engine_unpruned": lambda batch: module(batch),
+                    "engine_pruned": lambda batch: module(batch, pruner=module.pruner),
+                },
+                batches,
+                device,
+                cfg.warmup,
+                cfg.repeats,
+            )
+            reference = timings["hf_sdpa"]["seq_per_s"]
+            for variant, timing in timings.items():
+                pruned = variant == "engine_pruned"
+                speedup = timing["seq_per_s"] / reference
+                rows.append(
+                    {
+                        "device": device.type,
+                        "batch_size": batch_size,
+                        "length": length,
+                        "variant": variant,
+                        "seq_per_s": timing["seq_per_s"],
+                        "spread": timing["spread"],
+                        "speedup": speedup,
+                        "flops_speedup": flops_speedup if pruned else 1.0,
+                        "speedup_over_flops_speedup": speedup / (flops_speedup if pruned else 1.0),
+                        "kept_tokens": [round(float(k), 1) for k in kept] if pruned else None,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
+    """Training-step time of a method's stages on the same real training batches (forward,
+    backward, optimizer step): e.g. LTP's soft stage vs plain fine-tuning (module=ltp).
+
+    Each stage is its own module instance built from `cfg.module` with `stage=<stage>`, with its
+    own optimizer; the stages' steps alternate batch by batch so machine noise hits all alike."""
+    torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    stages = list(cfg.train_stages)
+    if "stage" not in cfg.module:
+        raise ValueError(
+            f"mode=train times the stages of a staged module (module=ltp or module=length_adaptive); "
+            f"module={cfg.module._target_.rsplit('.', 1)[-1]} has no module.stage"
+        )
+    with plain_errors():
+        modules = {stage: instantiate(cfg.module, stage=stage).train() for stage in stages}
+        data = instantiate(cfg.data)
+    data.setup()
+    batches = [b for _, b in zip(range(cfg.train_batches), data.train_dataloader())]
+    optimizers = {
+        stage: instantiate(module.hparams["optimizer"])(module.parameter_groups()) for stage, module in modules.items()
+    }
+
+    def step(stage: str, batch: dict) -> None:
+        loss = modules[stage].training_step(batch, 0)
+        loss.backward()
+        optimizers[stage].step()
+        optimizers[stage].zero_grad(set_to_none=True)
+
+    rows: list[dict[str, Any]] = []
+    with warnings.catch_warnings():  # `self.log` without a Trainer is a no-op that warns on every call
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        for index, batch in enumerate(batches):
+            timings = measure(
+                {stage: (lambda s=stage: step(s, batch)) for stage in stages},
+                1,
+                torch.device("cpu"),
+                warmup=1 if index == 0 else 0,
+                repeats=cfg.repeats,
+                grad=True,
+            )
+            rows.extend(
+                {
+                    "batch": index,
+                    "tokens": int(batch["attention_mask"].sum()),
+                    "stage": stage,
+                    "step_s": timing["median_s"],
+                }
+                for stage, timing in timings.items()
+            )
+    table = pd.DataFrame(rows).groupby("stage", sort=False)["step_s"].sum().reset_index()
+    table["relative_to_first"] = table.step_s / table.step_s.iloc[0]
+    return table
+
+
+def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "bench.csv", index=False)
+    (out / "bench.json").write_text(json.dumps(table.to_dict(orient="records"), indent=2))
+    for node in (cfg.logger or {}).values():
+        logger = instantiate(node)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if hasattr(logger, "log_table"):  # W&B: the whole table; other loggers get the scalars
+            logger.log_table("bench", dataframe=table.astype(str))
+        if "variant" in table:
+            pruned = table[table.variant == "engine_pruned"]
+            logger.log_metrics({"bench/min_speedup_over_flops_speedup": float(pruned.speedup_over_flops_speedup.min())})
+        logger.finalize("success")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://tokenprune.conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if cfg.mode == "train":
+        table = run_training_bench(cfg)
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    else:
+        table = run_bench(cfg)
+        columns = [
+            "device",
+            "batch_size",
+            "length",
+            "variant",
+            "seq_per_s",
+            "speedup",
+            "flops_speedup",
+            "speedup_over_flops_speedup",
+            "spread",
+        ]
+        print(table[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    write_outputs(table, cfg)
+    log.info("written to %s", cfg.paths.output_dir)
+
+
+if __name__ == "__main__":
+    main()

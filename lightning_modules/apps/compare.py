@@ -1,0 +1,87 @@
+"""Collect trained runs and search fronts into one accuracy-vs-relative-FLOPs table and plot.
+
+    python -m tokenprune.apps.compare --runs 'outputs/multirun/*/*/results.json' --label ltp \
+        --fronts topk=outputs/search/keep_ratio_grid/*/front.csv \
+        --out outputs/compare/ltp_vs_baselines [--wandb]
+
+Runs contribute their report-split numbers (`results.json`); searches contribute their fronts
+re-scored on the report split (`front.csv`), so every point is on the same split and axes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from tokenprune.search.pareto import plot_fronts
+
+
+def run_points(pattern: str, label: str, metric: str) -> pd.DataFrame:
+    rows = []
+    for path in sorted(glob.glob(pattern)):
+        result = json.loads(Path(path).read_text())
+        report = result["report"]
+        rows.append(
+            {
+                "method": label,
+                "run": result["run_dir"],
+                "score": report[f"report/{metric}"],
+                "flops_ratio": report["report/flops_ratio"],
+                "gflops": report["report/gflops"],
+                "unpruned_score": report.get(f"report/unpruned_{metric}"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def front_points(spec: str) -> pd.DataFrame:
+    label, pattern = spec.split("=", 1)
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no front.csv matches {pattern}")
+    table = pd.read_csv(paths[-1])
+    return table.assign(method=label, run=paths[-1])[["method", "run", "candidate", "score", "flops_ratio", "gflops"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", action="append", default=[], help="glob of results.json (repeatable)")
+    parser.add_argument("--label", action="append", default=[], help="label per --runs")
+    parser.add_argument("--fronts", action="append", default=[], help="label=glob of a search's front.csv")
+    parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--wandb", action="store_true", help="log table and plot to W&B (offline unless WANDB_MODE)")
+    args = parser.parse_args()
+    if len(args.label) != len(args.runs):
+        parser.error("give one --label per --runs")
+    parts = [run_points(p, label, args.metric) for p, label in zip(args.runs, args.label)]
+    parts += [front_points(spec) for spec in args.fronts]
+    table = pd.concat([p for p in parts if not p.empty], ignore_index=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=False)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(table.drop(columns="run").to_markdown(index=False, floatfmt=".4f"))
+    unpruned = table["unpruned_score"].dropna().mean() if "unpruned_score" in table else None
+    curves = {name: group for name, group in table.groupby("method")}
+    plot = plot_fronts(
+        curves,
+        "score",
+        "flops_ratio",
+        out / "front.png",
+        "accuracy vs relative FLOPs",
+        unpruned=None if unpruned is None or pd.isna(unpruned) else (1.0, float(unpruned)),
+    )
+    if args.wandb:
+        import wandb
+
+        with wandb.init(project="tokenprune", name=out.name, dir=str(out), job_type="compare") as run:
+            run.log({"compare/table": wandb.Table(dataframe=table), "compare/front": wandb.Image(str(plot))})
+    print(table.drop(columns="run").to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+
+
+if __name__ == "__main__":
+    main()

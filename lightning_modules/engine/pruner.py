@@ -1,0 +1,35 @@
+"""The pruner interface the engine calls once per layer."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from tokenprune.engine.state import TokenState
+
+
+class TokenPruner(nn.Module):
+    """Decides which tokens leave the encoder after each layer's attention.
+
+    The engine asks `prunes_at(layer)` and `keeps_all(layer, state)` first; layers that do not
+    prune run the fast fused (sdpa) attention. In a pruning layer the engine computes the score vector (if
+    `needs_scores`) and calls `select`, which returns either
+      * a bool keep mask (B, n): the engine physically removes the other tokens, or
+      * float soft weights (B, n) in [0, 1]: the layer output is multiplied by them (no removal).
+    """
+
+    needs_scores: bool = True
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+
+    def prunes_at(self, layer: int) -> bool:
+        raise NotImplementedError
+
+    def keeps_all(self, layer: int, state: TokenState) -> bool:
+        """True when layer `layer` would keep every token of this batch: the engine then skips the
+        score and runs the layer unpruned (same result, fused attention)."""
+        return False
+
+    def select(self, layer: int, scores: Tensor | None, state: TokenState) -> Tensor:
+        raise NotImplementedError

@@ -1,0 +1,191 @@
+"""What every method's LightningModule shares: backbone + engine + pruner, task loss, evaluation
+with FLOPs and kept-token statistics, the optimizer and schedule from `_partial_` configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from tokenprune.backbones import assert_same_backbone, load_backbone
+from tokenprune.checkpoints import read_checkpoint
+from tokenprune.checks import check_optimizer
+from tokenprune.config import plain
+from tokenprune.engine import EncoderOutput, PrunableEncoder
+from tokenprune.engine.flops import EncoderDims
+from tokenprune.engine.pruner import TokenPruner
+from tokenprune.modules.metrics import PruningStats
+
+
+class TokenPruningModule(L.LightningModule):
+    """Base of the method modules.
+
+    backbone / task / pruner are the `conf/backbone`, `conf/task`, `conf/pruner` nodes, optimizer
+    and scheduler `_partial_` nodes (lightning-hydra-template style); all are stored as plain-data
+    hyperparameters so `load_from_checkpoint` rebuilds the same model. The HF model is
+    `self.model` (state_dict keys `model.<HF keys>`), the pruner `self.pruner` (None = unpruned).
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        task: Mapping[str, Any],
+        pruner: Mapping[str, Any] | None,
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        compare_unpruned: bool = True,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        backbone, task, pruner = plain(backbone), plain(task), plain(pruner)
+        optimizer, scheduler = plain(optimizer), plain(scheduler)
+        check_optimizer(optimizer, scheduler)
+        if init_from is not None and not Path(init_from).is_file():
+            raise FileNotFoundError(f"module.init_from={init_from} does not exist")
+        self.save_hyperparameters(
+            {
+                "backbone": backbone,
+                "task": task,
+                "pruner": pruner,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "compare_unpruned": compare_unpruned,
+                "init_from": init_from,
+            }
+        )
+        self.model, self.adapter = load_backbone(
+            backbone, task["num_labels"], token_level=task.get("token_level", False)
+        )
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+        self.encoder = PrunableEncoder(self.adapter)
+        self.dims = EncoderDims.of(self.adapter)
+        self.pruner: TokenPruner | None = (
+            instantiate(pruner, num_layers=self.adapter.num_layers) if pruner and pruner.get("_target_") else None
+        )
+        self.regression = task["num_labels"] == 1
+        self.token_level = bool(task.get("token_level", False))
+        metrics = MetricCollection({name: instantiate(spec) for name, spec in task["metrics"].items()})
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.report_metrics = metrics.clone(prefix="report/")
+        self.report_unpruned_metrics = metrics.clone(prefix="report/unpruned_")
+        self.val_stats = PruningStats(self.dims)
+        self.report_stats = PruningStats(self.dims)
+
+    def setup(self, stage: str) -> None:
+        """Before fitting: start from `init_from` (model weights, and the pruner's if it has any)."""
+        if stage == "fit" and self.hparams["init_from"]:
+            self.load_weights(self.hparams["init_from"])
+
+    def load_weights(self, path: str) -> None:
+        """Load `model.*` (strict) and `pruner.*` (when both sides have them) from a checkpoint (safely)."""
+        checkpoint = read_checkpoint(path)
+        assert_same_backbone(checkpoint.get("hyper_parameters", {}), self.hparams["backbone"])
+        state = checkpoint["state_dict"]
+        self.model.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+        pruner_state = {k[len("pruner.") :]: v for k, v in state.items() if k.startswith("pruner.")}
+        if self.pruner is not None and pruner_state:
+            self.pruner.load_state_dict(pruner_state)
+
+    # ----------------------------------------------------------------- forward and loss
+    def forward(
+        self, batch: Mapping[str, Tensor], pruner: TokenPruner | None = None, **engine: Any
+    ) -> tuple[Tensor, EncoderOutput]:
+        """Logits and the engine output for a tokenized batch, pruned by `pruner`.
+
+        Token-level tasks get Drop-and-Restore: full-length outputs, one logit row per input token.
+        """
+        out = self.encoder(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
+            pruner=pruner,
+            restore=self.token_level,
+            **engine,
+        )
+        head = self.adapter.token_logits if self.token_level else self.adapter.classify
+        return head(out.hidden), out
+
+    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+
+    def update_metrics(self, metrics: MetricCollection, logits: Tensor, labels: Tensor) -> None:
+        """Task metrics on predictions; token-level tasks skip sub-word/special positions (-100)."""
+        if self.regression:
+            metrics.update(logits.squeeze(-1), labels)
+            return
+        predictions = logits.argmax(dim=-1)
+        if self.token_level:
+            scored = labels != -100
+            predictions, labels = predictions[scored], labels[scored]
+        metrics.update(predictions, labels)
+
+    # ----------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: Mapping[str, Tensor], metrics: MetricCollection, stats: PruningStats) -> Tensor:
+        logits, out = self(batch, pruner=self.pruner)
+        self.update_metrics(metrics, logits, batch["labels"])
+        stats.update(out.trace, batch["attention_mask"].sum(dim=1))
+        return self.task_loss(logits, batch["labels"])
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        loss = self._evaluate(batch, self.val_metrics, self.val_stats)
+        self.log("val/loss", loss, batch_size=batch["labels"].shape[0])
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        """Lightning's test loop runs on the report split; its metrics are logged as `report/*`."""
+        loss = self._evaluate(batch, self.report_metrics, self.report_stats)
+        self.log("report/loss", loss, batch_size=batch["labels"].shape[0])
+        if self.pruner is not None and self.hparams["compare_unpruned"]:
+            logits, _ = self(batch)
+            self.update_metrics(self.report_unpruned_metrics, logits, batch["labels"])
+
+    def _log_epoch(self, stage: str, metrics: MetricCollection, stats: PruningStats, *extra: MetricCollection) -> None:
+        values = {**metrics.compute(), **{f"{stage}/{k}": v for k, v in stats.compute().items()}}
+        for collection in extra:
+            if any(metric.update_called for metric in collection.values()):
+                values.update(collection.compute())
+                collection.reset()
+        self.log_dict({k: v.float() for k, v in values.items()})
+        metrics.reset()
+        stats.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val", self.val_metrics, self.val_stats)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("report", self.report_metrics, self.report_stats, self.report_unpruned_metrics)
+
+    # ----------------------------------------------------------------- optimization
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups: weight decay on matrices, none on biases/LayerNorms. Methods add groups."""
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                (no_decay if parameter.ndim < 2 else decay).append(parameter)
+        return [
+            {"params": decay, "weight_decay": self.hparams["optimizer"].get("weight_decay", 0.0)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """`optimizer` and `scheduler` are `_partial_` configs: optimizer(groups), scheduler(optimizer, total_steps)."""
+        optimizer = instantiate(self.hparams["optimizer"])(self.parameter_groups())
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = instantiate(self.hparams["scheduler"])(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert_same_backbone(checkpoint.get("hyper_parameters", {}), self.hparams["backbone"])

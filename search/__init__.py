@@ -1,0 +1,1 @@
+"""Configuration searches over trained models: grids, Length-Adaptive evolution, Pareto fronts, the evaluation cache."""
