@@ -1,1 +1,0 @@
-"""Adaptive token pruning methods as LightningModules, on one prunable-encoder engine."""

@@ -1,1 +1,0 @@
-"""Hydra configuration tree (a package so installed entry points find it)."""

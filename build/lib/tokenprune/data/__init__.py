@@ -1,1 +1,0 @@
-"""Task sources and LightningDataModules."""

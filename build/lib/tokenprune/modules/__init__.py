@@ -1,1 +1,0 @@
-"""The method LightningModules (one file each) and what they share (base, metrics, callbacks)."""

@@ -1,1 +1,0 @@
-"""Token pruners: the per-layer keep decisions plugged into the engine."""

@@ -1,1 +1,0 @@
-"""Configuration searches over trained models: grids, Length-Adaptive evolution, Pareto fronts, the evaluation cache."""
