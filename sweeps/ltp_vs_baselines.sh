@@ -32,7 +32,7 @@ tokenprune-train -m experiment=ltp 'stages=${ltp_stages_from_finetuned}' module.
   module.mask_penalty="$LAMBDAS" pruner.final_threshold="$THRESHOLDS" epochs.soft="$SOFT_EPOCHS" \
   epochs.hard="$HARD_EPOCHS" $EXTRA
 
-tokenprune-search checkpoint="$baseline" search=keep_ratio_grid
+tokenprune-search checkpoint="$baseline" search=keep_ratio_grid search.pruner.start_layer=1
 tokenprune-search checkpoint="$baseline" search=threshold_grid
 
 tokenprune-compare --out "$root/compare" --wandb \

@@ -68,7 +68,7 @@ def test_cache_is_shared_by_pruner_configuration_not_by_name(tmp_path, checkpoin
     run_search(search_cfg(tmp_path, checkpoint, "wider", ["search.values=[0.3,0.45,0.6,1.0]"]))
     assert searched(scored) == ["val keep_ratio=0.45"]
     scored.clear()
-    run_search(search_cfg(tmp_path, checkpoint, "other_pruner", ["search.pruner.start_layer=2"]))
+    run_search(search_cfg(tmp_path, checkpoint, "other_pruner", ["search.pruner.start_layer=1"]))
     assert len(searched(scored)) == 3, "same names, other pruner: all new"
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers import AutoTokenizer
 
 from tokenprune.backbones import tokenizer_location
-from tokenprune.config import plain_errors
+from tokenprune.config import plain, plain_errors
 from tokenprune.engine.flops import encoder_macs, unpruned_macs
 from tokenprune.modules.base import TokenPruningModule
 from tokenprune.modules.loading import load_module
@@ -45,7 +45,7 @@ def bench_module(cfg: DictConfig) -> TokenPruningModule:
     module = load_module(cfg.checkpoint) if cfg.checkpoint else instantiate(cfg.module)
     if cfg.checkpoint and not cfg.checkpoint_pruner:
         with plain_errors():
-            module.pruner = instantiate(cfg.pruner, num_layers=module.adapter.num_layers)
+            module.pruner = module.build_pruner(plain(cfg.pruner))
     if module.pruner is None:
         raise ValueError("tokenprune-bench needs a pruner (pruner=topk|spatten|random|...), got none")
     return module.eval()

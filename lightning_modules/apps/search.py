@@ -79,7 +79,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         identity = cache_key(split, pruner_cfg)
         if identity in store:
             return {**store.get(identity), "candidate": key}
-        pruner = instantiate(pruner_cfg, num_layers=module.adapter.num_layers) if pruner_cfg.get("_target_") else None
+        pruner = module.build_pruner(pruner_cfg)
         loader = data.val_dataloader() if split == "val" else data.test_dataloader()
         result = evaluate(module, loader, pruner, desc=f"{split} {key}")
         return store.add(

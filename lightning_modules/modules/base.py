@@ -22,6 +22,7 @@ from tokenprune.engine import EncoderOutput, PrunableEncoder
 from tokenprune.engine.flops import EncoderDims
 from tokenprune.engine.pruner import TokenPruner
 from tokenprune.modules.metrics import PruningStats
+from tokenprune.pruners import build_pruner
 
 
 class TokenPruningModule(L.LightningModule):
@@ -66,9 +67,7 @@ class TokenPruningModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.encoder = PrunableEncoder(self.adapter)
         self.dims = EncoderDims.of(self.adapter)
-        self.pruner: TokenPruner | None = (
-            instantiate(pruner, num_layers=self.adapter.num_layers) if pruner and pruner.get("_target_") else None
-        )
+        self.pruner = self.build_pruner(pruner)
         self.regression = task["num_labels"] == 1
         self.token_level = bool(task.get("token_level", False))
         metrics = MetricCollection({name: instantiate(spec) for name, spec in task["metrics"].items()})
@@ -92,6 +91,10 @@ class TokenPruningModule(L.LightningModule):
         pruner_state = {k[len("pruner.") :]: v for k, v in state.items() if k.startswith("pruner.")}
         if self.pruner is not None and pruner_state:
             self.pruner.load_state_dict(pruner_state)
+
+    def build_pruner(self, spec: Mapping[str, Any] | None) -> TokenPruner | None:
+        """A pruner config (`conf/pruner/*.yaml` node) built for this backbone and task."""
+        return build_pruner(spec, self.adapter.num_layers, int(self.hparams["task"]["max_length"]))
 
     # ----------------------------------------------------------------- forward and loss
     def forward(
