@@ -73,11 +73,13 @@ def load_backbone(
     return model, adapter
 
 
-def assert_same_backbone(checkpoint_hparams: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+def assert_same_backbone(
+    checkpoint_hparams: Mapping[str, Any], spec: Mapping[str, Any], setting: str = "ckpt_path"
+) -> None:
     """Refuse a checkpoint trained on another backbone, naming both."""
     saved = (checkpoint_hparams.get("backbone") or {}).get("name")
     if saved is not None and saved != spec.get("name"):
         raise ValueError(
-            f"ckpt_path holds a '{saved}' checkpoint but backbone={spec.get('name')}; "
+            f"{setting} holds a '{saved}' checkpoint but backbone={spec.get('name')}; "
             f"run with backbone={saved} or pick a checkpoint of {spec.get('name')}"
         )

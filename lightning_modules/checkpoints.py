@@ -36,14 +36,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         message = str(error)
         if "Weights only load failed" in message:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+            found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)
             what = f"the global {found.group(1)}" if found else "objects other than tensors and plain containers"
             raise UnsafeCheckpointError(
                 f"{path} refused: it contains {what}, which only unpickling (code "
                 f"execution) could load; tokenprune reads tensors and plain data only"
             ) from None
         raise ValueError(f"{path} is not a checkpoint file ({message.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as error:
+    except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError) as error:
         raise ValueError(
             f"{path} is not a readable checkpoint (truncated or another format: {str(error).splitlines()[0]})"
         ) from None

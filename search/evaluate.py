@@ -27,6 +27,7 @@ def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128) -> Ta
         eval_batch_size=eval_batch_size,
         label_column=task.get("label_column", "label"),
         token_level=task.get("token_level", False),
+        num_labels=task["num_labels"],
     )
     datamodule.setup()
     return datamodule

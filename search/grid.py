@@ -6,7 +6,7 @@ constant-ratio curve that the evolutionary search is compared against.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tokenprune.config import plain
@@ -26,6 +26,11 @@ class GridSearch:
         self.pruner = plain(pruner)
         self.parameter = parameter
         self.values = list(plain(values))
+
+    def validate(self, build_pruner: Callable[[Mapping[str, Any]], object]) -> None:
+        """Build every candidate's pruner once, so a bad value fails before any evaluation."""
+        for value in self.values:
+            build_pruner({**self.pruner, self.parameter: value})
 
     def run(self, context: SearchContext) -> list[dict[str, Any]]:
         return [

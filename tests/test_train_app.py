@@ -76,7 +76,7 @@ def test_rerun_into_an_existing_run_folder_is_refused(topk_run):
         ("pruner.keep_ratio=1.5", r"pruner.keep_ratio=1.5 is outside the allowed range \(0.0, 1.0\]"),
         ("pruner.keep_ratio=0", r"pruner.keep_ratio=0"),
         ("task.max_length=1000", r"task.max_length=1000 is outside \(1, 128\]"),
-        ("module.optimizer.lr=-0.001", r"module.optimizer.lr=-0.001 must be > 0"),
+        ("module.optimizer.lr=-0.001", r"module.optimizer.lr=-0.001 is outside the allowed range \(0.0, inf\]"),
         ("pruner.start_layer=9", r"pruner.start_layer=9"),
     ],
 )

@@ -23,11 +23,13 @@ from typing import Any
 import hydra
 import pandas as pd
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import AutoTokenizer
 
+from tokenprune.apps.settings import BENCH, check_settings, claimed_run_dir, nothing_left_if_refused
 from tokenprune.backbones import tokenizer_location
 from tokenprune.config import plain, plain_errors
 from tokenprune.engine.flops import encoder_macs, unpruned_macs
@@ -37,18 +39,33 @@ from tokenprune.search.evaluate import datamodule_for
 from tokenprune.throughput import measure, measure_batches, packed_batch
 
 log = logging.getLogger(__name__)
+BENCH_OUTPUTS = ("bench.csv", "bench.json")  # what makes a folder another bench run's
 
 
 def bench_module(cfg: DictConfig) -> TokenPruningModule:
     """The module to measure: a checkpoint (with its own pruner unless checkpoint_pruner=false,
     e.g. to measure a searched length configuration) or the backbone with `pruner`."""
-    module = load_module(cfg.checkpoint) if cfg.checkpoint else instantiate(cfg.module)
+    with plain_errors():
+        module = load_module(cfg.checkpoint) if cfg.checkpoint else instantiate(cfg.module)
+    if cfg.checkpoint:
+        refuse_contradictions(module, cfg.checkpoint)
     if cfg.checkpoint and not cfg.checkpoint_pruner:
         with plain_errors():
             module.pruner = module.build_pruner(plain(cfg.pruner))
     if module.pruner is None:
         raise ValueError("tokenprune-bench needs a pruner (pruner=topk|spatten|random|...), got none")
     return module.eval()
+
+
+def refuse_contradictions(module: TokenPruningModule, checkpoint: str) -> None:
+    """Backbone and task come from the checkpoint; a command-line choice naming another is refused."""
+    for override in HydraConfig.get().overrides.task if HydraConfig.initialized() else []:
+        group, _, value = str(override).lstrip("+~").partition("=")
+        if group in ("backbone", "task") and value != module.hparams[group]["name"]:
+            raise ValueError(
+                f"{group}={value} contradicts checkpoint={checkpoint}, which holds a {group}="
+                f"{module.hparams[group]['name']} model; drop the {group}= override (bench uses the checkpoint's)"
+            )
 
 
 REPORT_SPLIT = "report"  # a `lengths` entry: the task's report split at its real lengths
@@ -74,56 +91,61 @@ def bench_batches(
 
 def run_bench(cfg: DictConfig) -> pd.DataFrame:
     """Measure every (batch size, length) cell; one row per variant."""
+    check_settings(cfg, BENCH)
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    module = bench_module(cfg).to(device)
-    texts = [row for row in instantiate(cfg.task.source)()["report"][cfg.task.text_columns[0]] if row]
-    module.model.set_attn_implementation("sdpa")
-    rows: list[dict[str, Any]] = []
-    for batch_size in cfg.batch_sizes:
-        for length in cfg.lengths:
-            batches = [
-                {k: v.to(device) for k, v in batch.items()}
-                for batch in bench_batches(module, texts, batch_size, length)
-            ]
-            with torch.inference_mode():
-                traces = [module(batch, pruner=module.pruner)[1].trace for batch in batches]
-            full = sum(float(unpruned_macs(module.dims, b["attention_mask"].sum(dim=1)).sum()) for b in batches)
-            flops_speedup = full / sum(float(encoder_macs(module.dims, trace).sum()) for trace in traces)
-            kept = [
-                torch.cat([trace[layer].n_out for trace in traces]).float().mean() for layer in range(len(traces[0]))
-            ]
-            timings = measure_batches(
-                {
-                    "hf_sdpa": lambda batch: module.model(**batch),
-                    "engine_unpruned": lambda batch: module(batch),
-                    "engine_pruned": lambda batch: module(batch, pruner=module.pruner),
-                },
-                batches,
-                device,
-                cfg.warmup,
-                cfg.repeats,
-            )
-            reference = timings["hf_sdpa"]["seq_per_s"]
-            for variant, timing in timings.items():
-                pruned = variant == "engine_pruned"
-                speedup = timing["seq_per_s"] / reference
-                rows.append(
+    module = bench_module(cfg)
+    with claimed_run_dir(Path(cfg.paths.output_dir), cfg, BENCH_OUTPUTS, "bench"):
+        module = module.to(device)
+        task = module.hparams["task"]
+        texts = [row for row in instantiate(task["source"])()["report"][task["text_columns"][0]] if row]
+        module.model.set_attn_implementation("sdpa")
+        rows: list[dict[str, Any]] = []
+        for batch_size in cfg.batch_sizes:
+            for length in cfg.lengths:
+                batches = [
+                    {k: v.to(device) for k, v in batch.items()}
+                    for batch in bench_batches(module, texts, batch_size, length)
+                ]
+                with torch.inference_mode():
+                    traces = [module(batch, pruner=module.pruner)[1].trace for batch in batches]
+                full = sum(float(unpruned_macs(module.dims, b["attention_mask"].sum(dim=1)).sum()) for b in batches)
+                flops_speedup = full / sum(float(encoder_macs(module.dims, trace).sum()) for trace in traces)
+                kept = [
+                    torch.cat([trace[layer].n_out for trace in traces]).float().mean()
+                    for layer in range(len(traces[0]))
+                ]
+                timings = measure_batches(
                     {
-                        "device": device.type,
-                        "batch_size": batch_size,
-                        "length": length,
-                        "variant": variant,
-                        "seq_per_s": timing["seq_per_s"],
-                        "spread": timing["spread"],
-                        "speedup": speedup,
-                        "flops_speedup": flops_speedup if pruned else 1.0,
-                        "speedup_over_flops_speedup": speedup / (flops_speedup if pruned else 1.0),
-                        "kept_tokens": [round(float(k), 1) for k in kept] if pruned else None,
-                    }
+                        "hf_sdpa": lambda batch: module.model(**batch),
+                        "engine_unpruned": lambda batch: module(batch),
+                        "engine_pruned": lambda batch: module(batch, pruner=module.pruner),
+                    },
+                    batches,
+                    device,
+                    cfg.warmup,
+                    cfg.repeats,
                 )
-    return pd.DataFrame(rows)
+                reference = timings["hf_sdpa"]["seq_per_s"]
+                for variant, timing in timings.items():
+                    pruned = variant == "engine_pruned"
+                    speedup = timing["seq_per_s"] / reference
+                    rows.append(
+                        {
+                            "device": device.type,
+                            "batch_size": batch_size,
+                            "length": length,
+                            "variant": variant,
+                            "seq_per_s": timing["seq_per_s"],
+                            "spread": timing["spread"],
+                            "speedup": speedup,
+                            "flops_speedup": flops_speedup if pruned else 1.0,
+                            "speedup_over_flops_speedup": speedup / (flops_speedup if pruned else 1.0),
+                            "kept_tokens": [round(float(k), 1) for k in kept] if pruned else None,
+                        }
+                    )
+        return pd.DataFrame(rows)
 
 
 def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
@@ -132,6 +154,7 @@ def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
 
     Each stage is its own module instance built from `cfg.module` with `stage=<stage>`, with its
     own optimizer; the stages' steps alternate batch by batch so machine noise hits all alike."""
+    check_settings(cfg, BENCH)
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     stages = list(cfg.train_stages)
@@ -143,42 +166,44 @@ def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
     with plain_errors():
         modules = {stage: instantiate(cfg.module, stage=stage).train() for stage in stages}
         data = instantiate(cfg.data)
-    data.setup()
-    batches = [b for _, b in zip(range(cfg.train_batches), data.train_dataloader())]
-    optimizers = {
-        stage: instantiate(module.hparams["optimizer"])(module.parameter_groups()) for stage, module in modules.items()
-    }
+    with claimed_run_dir(Path(cfg.paths.output_dir), cfg, BENCH_OUTPUTS, "bench"):
+        data.setup()
+        batches = [b for _, b in zip(range(cfg.train_batches), data.train_dataloader())]
+        optimizers = {
+            stage: instantiate(module.hparams["optimizer"])(module.parameter_groups())
+            for stage, module in modules.items()
+        }
 
-    def step(stage: str, batch: dict) -> None:
-        loss = modules[stage].training_step(batch, 0)
-        loss.backward()
-        optimizers[stage].step()
-        optimizers[stage].zero_grad(set_to_none=True)
+        def step(stage: str, batch: dict) -> None:
+            loss = modules[stage].training_step(batch, 0)
+            loss.backward()
+            optimizers[stage].step()
+            optimizers[stage].zero_grad(set_to_none=True)
 
-    rows: list[dict[str, Any]] = []
-    with warnings.catch_warnings():  # `self.log` without a Trainer is a no-op that warns on every call
-        warnings.filterwarnings("ignore", message=".*self.log.*")
-        for index, batch in enumerate(batches):
-            timings = measure(
-                {stage: (lambda s=stage: step(s, batch)) for stage in stages},
-                1,
-                torch.device("cpu"),
-                warmup=1 if index == 0 else 0,
-                repeats=cfg.repeats,
-                grad=True,
-            )
-            rows.extend(
-                {
-                    "batch": index,
-                    "tokens": int(batch["attention_mask"].sum()),
-                    "stage": stage,
-                    "step_s": timing["median_s"],
-                }
-                for stage, timing in timings.items()
-            )
-    table = pd.DataFrame(rows).groupby("stage", sort=False)["step_s"].sum().reset_index()
-    table["relative_to_first"] = table.step_s / table.step_s.iloc[0]
-    return table
+        rows: list[dict[str, Any]] = []
+        with warnings.catch_warnings():  # `self.log` without a Trainer is a no-op that warns on every call
+            warnings.filterwarnings("ignore", message=".*self.log.*")
+            for index, batch in enumerate(batches):
+                timings = measure(
+                    {stage: (lambda s=stage: step(s, batch)) for stage in stages},
+                    1,
+                    torch.device("cpu"),
+                    warmup=1 if index == 0 else 0,
+                    repeats=cfg.repeats,
+                    grad=True,
+                )
+                rows.extend(
+                    {
+                        "batch": index,
+                        "tokens": int(batch["attention_mask"].sum()),
+                        "stage": stage,
+                        "step_s": timing["median_s"],
+                    }
+                    for stage, timing in timings.items()
+                )
+        table = pd.DataFrame(rows).groupby("stage", sort=False)["step_s"].sum().reset_index()
+        table["relative_to_first"] = table.step_s / table.step_s.iloc[0]
+        return table
 
 
 def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
@@ -200,6 +225,12 @@ def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://tokenprune.conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    with nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
+        measure_and_write(cfg)
+
+
+def measure_and_write(cfg: DictConfig) -> None:
+    """Run the benchmark `cfg.mode` asks for, print its table and write the outputs."""
     if cfg.mode == "train":
         table = run_training_bench(cfg)
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))

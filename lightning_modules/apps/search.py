@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.apps.settings import SEARCH, check_settings, claimed_run_dir, nothing_left_if_refused
 from tokenprune.config import plain_errors
 from tokenprune.modules.length_adaptive import LengthAdaptiveModule
 from tokenprune.modules.loading import load_module
@@ -38,6 +39,7 @@ from tokenprune.search.store import CandidateStore
 
 log = logging.getLogger(__name__)
 
+SEARCH_OUTPUTS = ("candidates.csv", "front.csv", "summary.json")  # what makes a folder another search's
 VAL_CURVE = "val split"  # every candidate, val split; the other curves are on the report split
 
 
@@ -62,60 +64,68 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(
             f"checkpoint={cfg.checkpoint} is not a file; tokenprune-search needs a trained checkpoint"
         )
-    torch.set_num_threads(int(cfg.threads))
+    check_settings(cfg, SEARCH)
     with plain_errors():
         strategy = instantiate(cfg.search, _convert_="all")
-    module = load_module(cfg.checkpoint).to(torch.device(cfg.device))
+    module = load_module(cfg.checkpoint)
     if strategy.requires_length_adaptive and not isinstance(module, LengthAdaptiveModule):
         raise ValueError(
             f"search={HydraConfig.get().runtime.choices['search']} needs a Length-Adaptive checkpoint "
             f"(module=length_adaptive); {cfg.checkpoint} was trained by {type(module).__name__}"
         )
-    data = datamodule_for(module, cfg.eval_batch_size)
-    store = CandidateStore(cache_path(cfg))
-    main = module.hparams["task"]["main_metric"]
+    if hasattr(strategy, "validate"):  # candidates known up front are built once, before any evaluation
+        with plain_errors():
+            strategy.validate(module.build_pruner)
+    with claimed_run_dir(Path(cfg.paths.output_dir), cfg, SEARCH_OUTPUTS, "search"):
+        torch.set_num_threads(int(cfg.threads))
+        module = module.to(torch.device(cfg.device))
+        data = datamodule_for(module, cfg.eval_batch_size)
+        store = CandidateStore(cache_path(cfg))
+        main = module.hparams["task"]["main_metric"]
 
-    def score(key: str, pruner_cfg: dict[str, Any], split: str = "val") -> dict[str, Any]:
-        identity = cache_key(split, pruner_cfg)
-        if identity in store:
-            return {**store.get(identity), "candidate": key}
-        pruner = module.build_pruner(pruner_cfg)
-        loader = data.val_dataloader() if split == "val" else data.test_dataloader()
-        result = evaluate(module, loader, pruner, desc=f"{split} {key}")
-        return store.add(
-            identity, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg}
-        )
+        def score(key: str, pruner_cfg: dict[str, Any], split: str = "val") -> dict[str, Any]:
+            identity = cache_key(split, pruner_cfg)
+            if identity in store:
+                return {**store.get(identity), "candidate": key}
+            pruner = module.build_pruner(pruner_cfg)
+            loader = data.val_dataloader() if split == "val" else data.test_dataloader()
+            result = evaluate(module, loader, pruner, desc=f"{split} {key}")
+            return store.add(
+                identity, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg}
+            )
 
-    template = (
-        module.pruner
-        if isinstance(module.pruner, LengthConfigPruner)
-        else LengthConfigPruner(module.adapter.num_layers, reference_length=int(module.hparams["task"]["max_length"]))
-    )
-    context = SearchContext(module.dims, template, data.lengths["val"], score)
-    candidates = pd.DataFrame(strategy.run(context))
-    front = pareto_front(candidates, "score", "flops_ratio")
-    reported = pd.DataFrame(
-        [score(row.candidate, row.pruner, split="report") | extra_columns(row) for row in front.itertuples()]
-    )
-    curves = {VAL_CURVE: candidates, "front, report split": reported}
-    if cfg.compare_constant_ratios:
-        baseline = ConstantRatioSearch(list(cfg.compare_constant_ratios)).run(context)
-        curves["constant ratio, report split"] = pd.DataFrame(
-            [score(r["candidate"], r["pruner"], split="report") for r in baseline]
+        template = (
+            module.pruner
+            if isinstance(module.pruner, LengthConfigPruner)
+            else LengthConfigPruner(
+                module.adapter.num_layers, reference_length=int(module.hparams["task"]["max_length"])
+            )
         )
-    unpruned = score("unpruned", {"_target_": None}, split="report")
-    summary = {
-        "evaluated": store.added,
-        "cache_hits": store.hits,
-        "cache_size": len(store.records),
-        "cache": str(store.path),
-        "val_hypervolume": hypervolume(candidates, "score", "flops_ratio"),
-        "report_unpruned_score": unpruned["score"],
-        "report_unpruned_gflops": unpruned["gflops"],
-        "main_metric": main,
-    }
-    write_outputs(cfg, candidates, reported, curves, context.history, summary)
-    return {"candidates": candidates, "front": reported, "curves": curves, "history": context.history, **summary}
+        context = SearchContext(module.dims, template, data.lengths["val"], score)
+        candidates = pd.DataFrame(strategy.run(context))
+        front = pareto_front(candidates, "score", "flops_ratio")
+        reported = pd.DataFrame(
+            [score(row.candidate, row.pruner, split="report") | extra_columns(row) for row in front.itertuples()]
+        )
+        curves = {VAL_CURVE: candidates, "front, report split": reported}
+        if cfg.compare_constant_ratios:
+            baseline = ConstantRatioSearch(list(cfg.compare_constant_ratios)).run(context)
+            curves["constant ratio, report split"] = pd.DataFrame(
+                [score(r["candidate"], r["pruner"], split="report") for r in baseline]
+            )
+        unpruned = score("unpruned", {"_target_": None}, split="report")
+        summary = {
+            "evaluated": store.added,
+            "cache_hits": store.hits,
+            "cache_size": len(store.records),
+            "cache": str(store.path),
+            "val_hypervolume": hypervolume(candidates, "score", "flops_ratio"),
+            "report_unpruned_score": unpruned["score"],
+            "report_unpruned_gflops": unpruned["gflops"],
+            "main_metric": main,
+        }
+        write_outputs(cfg, candidates, reported, curves, context.history, summary)
+        return {"candidates": candidates, "front": reported, "curves": curves, "history": context.history, **summary}
 
 
 def extra_columns(row: Any) -> dict[str, Any]:
@@ -181,7 +191,8 @@ def write_outputs(
 @hydra.main(version_base="1.3", config_path="pkg://tokenprune.conf", config_name="search")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    run_search(cfg)
+    with nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
+        run_search(cfg)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tokenprune.apps.settings import TRAINER, check_settings, claimed_run_dir, leaves, nothing_left_if_refused
 from tokenprune.backbones import assert_same_backbone, load_config, usable_positions
 from tokenprune.checkpoints import read_checkpoint
-from tokenprune.checks import check_choice
-from tokenprune.config import plain_errors
-from tokenprune.modules.callbacks import StepSeed
+from tokenprune.config import plain, plain_errors
+from tokenprune.modules.callbacks import RunSettings, StepSeed
+from tokenprune.pruners import build_pruner
 
 log = logging.getLogger(__name__)
+RUN_OUTPUTS = ("checkpoints", "results.json")  # what makes a folder another run's
 
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: Path, runs_root: Path) -> str | None:
@@ -42,8 +44,25 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path, runs_root: Path) ->
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
+# Settings that may differ between a run and its resume without changing the model, data or
+# objective; any other difference must be allowed by name (resume_allow_changes).
+RESUME_FREE = (
+    "module.init_from",
+    "data.num_workers",
+    "threads",
+    "ckpt_path",
+    "resume_allow_changes",
+    "run_name",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
+COMPARED = ("seed", "backbone", "task", "pruner", "module", "data", "trainer", "checkpoints", "report_on")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Fail on bad settings before any data is loaded or any training starts."""
+    """Fail on bad settings before any data or weights are loaded or any training starts."""
+    check_settings(cfg, TRAINER)
     config = load_config(cfg.backbone, int(cfg.task.num_labels))
     limit = usable_positions(config)
     if not 1 < cfg.task.max_length <= limit:
@@ -51,59 +70,110 @@ def validate(cfg: DictConfig) -> None:
             f"task.max_length={cfg.task.max_length} is outside (1, {limit}]: backbone={cfg.backbone.name} "
             f"has {limit} usable positions"
         )
-    check_choice("report_on", cfg.report_on, ("last", "best"))
-    if cfg.trainer.max_epochs is not None and cfg.trainer.max_epochs < 1:
-        raise ValueError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    with plain_errors():
+        build_pruner(plain(cfg.pruner), config.num_hidden_layers, int(cfg.task.max_length))
+    for name in cfg.resume_allow_changes:
+        if str(name).split(".")[0] not in COMPARED:
+            raise ValueError(
+                f"resume_allow_changes entry {name!r} is not a setting a resume compares "
+                f"(those under: {', '.join(COMPARED)})"
+            )
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Refuse to write into a folder that already holds checkpoints or results."""
-    for existing in ("checkpoints", "results.json"):
-        if (run_dir / existing).exists():
-            raise FileExistsError(f"{run_dir / existing} exists; refusing to overwrite an earlier run's outputs")
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a resume must match: flat `name -> value` of the compared config sections."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    flat = dict(leaves({key: resolved[key] for key in COMPARED if key in resolved}))
+    return {name: value for name, value in flat.items() if not name.startswith(RESUME_FREE)}
+
+
+def resume_changes(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> dict[str, list[Any]]:
+    """Settings that differ from the checkpoint's run; refuse unless every one is allowed by name."""
+    saved = checkpoint.get(RunSettings.KEY)
+    if saved is None:
+        raise ValueError(
+            f"ckpt_path={path} has no saved run settings (written before settings were recorded); "
+            f"resume is refused because its settings cannot be compared: start from it with "
+            f"module.init_from={path} instead"
+        )
+    now = run_settings(cfg)
+    changed = {
+        name: [saved.get(name), now.get(name)]
+        for name in sorted(set(saved) | set(now))
+        if saved.get(name) != now.get(name)
+    }
+    allowed = tuple(str(name) for name in cfg.resume_allow_changes)
+    refused = [name for name in changed if not any(name == a or name.startswith(a + ".") for a in allowed)]
+    if refused:
+        listing = "; ".join(f"{name}: {changed[name][0]!r} -> {changed[name][1]!r}" for name in refused)
+        raise ValueError(
+            f"ckpt_path={path} was trained with other settings ({listing}); resuming would mix "
+            f"two runs. Allow on purpose with resume_allow_changes=[{','.join(refused)}]"
+        )
+    return changed
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Build everything from `cfg`, fit, test on the report split, write results.json."""
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    prepare_run_dir(run_dir)
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, run_dir.parent)
+    changes: dict[str, list[Any]] = {}
+    resumed_step = None
     if ckpt_path is not None:
-        assert_same_backbone(read_checkpoint(ckpt_path).get("hyper_parameters", {}), cfg.backbone)
+        checkpoint = read_checkpoint(ckpt_path)
+        assert_same_backbone(checkpoint.get("hyper_parameters", {}), cfg.backbone)
+        changes = resume_changes(cfg, checkpoint, ckpt_path)
+        resumed_step = int(checkpoint.get("global_step", 0))
+    if cfg.module.get("init_from"):
+        start = read_checkpoint(cfg.module.init_from)
+        assert_same_backbone(start.get("hyper_parameters", {}), cfg.backbone, setting="module.init_from")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)
-
-    with plain_errors():
+    with plain_errors():  # the module checks its own settings before it loads any weights
         module = instantiate(cfg.module)
         datamodule = instantiate(cfg.data)
-        loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    checkpoints = {name: instantiate(node) for name, node in cfg.checkpoints.items()}
-    callbacks = [*checkpoints.values(), StepSeed(cfg.seed), *(extra_callbacks or [])]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"):
+        with plain_errors():
+            loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        checkpoints = {name: instantiate(node) for name, node in cfg.checkpoints.items()}
+        callbacks = [
+            *checkpoints.values(),
+            StepSeed(cfg.seed),
+            RunSettings(run_settings(cfg)),
+            *(extra_callbacks or []),
+        ]
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    best = checkpoints["best"].best_model_path or None
-    report = trainer.test(
-        module, datamodule=datamodule, ckpt_path=best if cfg.report_on == "best" else None, verbose=False
-    )[0]
-    results = {
-        "run_name": cfg.run_name,
-        "run_dir": str(run_dir),
-        "best_checkpoint": best,
-        "last_checkpoint": checkpoints["last"].best_model_path or None,
-        "reported_on": cfg.report_on,
-        "resumed_from": ckpt_path,
-        "report": {k: float(v) for k, v in sorted(report.items())},
-    }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    summarize(cfg, results["report"])
-    for logger in loggers:
-        logger.finalize("success")
-    return results
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        best = checkpoints["best"].best_model_path or None
+        report = trainer.test(
+            module,
+            datamodule=datamodule,
+            ckpt_path=best if cfg.report_on == "best" else None,
+            verbose=False,
+            weights_only=True,
+        )[0]
+        results = {
+            "run_name": cfg.run_name,
+            "run_dir": str(run_dir),
+            "best_checkpoint": best,
+            "last_checkpoint": checkpoints["last"].best_model_path or None,
+            "reported_on": cfg.report_on,
+            "resumed_from": ckpt_path,
+            "report": {k: float(v) for k, v in sorted(report.items())},
+        }
+        if changes:
+            results["resume_changes"] = {"at_step": resumed_step, "settings": changes}
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        summarize(cfg, results["report"])
+        for logger in loggers:
+            logger.finalize("success")
+        return results
 
 
 def summarize(cfg: DictConfig, report: dict[str, float]) -> None:
@@ -136,22 +206,23 @@ def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any
             "with module.init_from=<previous stage's last.ckpt>"
         )
     run_dir = Path(cfg.paths.output_dir)
-    prepare_run_dir(run_dir)
-    init_from = cfg.module.get("init_from")
-    stages: dict[str, Any] = {}
-    for stage in cfg.stages:
-        stage_cfg = compose_stage([*command_overrides, *stage.overrides])
-        with open_dict(stage_cfg):
-            stage_cfg.pop("stages")
-            stage_cfg.paths.output_dir = str(run_dir / stage.name)
-            stage_cfg.module.init_from = init_from
-        log.info("stage %s: %s", stage.name, " ".join(stage.overrides))
-        stages[stage.name] = train(stage_cfg)
-        init_from = stages[stage.name]["last_checkpoint"]
-    final = stages[cfg.stages[-1].name]
-    results = {**final, "run_dir": str(run_dir), "stages": stages}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
+    validate(cfg)
+    with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"):
+        init_from = cfg.module.get("init_from")
+        stages: dict[str, Any] = {}
+        for stage in cfg.stages:
+            stage_cfg = compose_stage([*command_overrides, *stage.overrides])
+            with open_dict(stage_cfg):
+                stage_cfg.pop("stages")
+                stage_cfg.paths.output_dir = str(run_dir / stage.name)
+                stage_cfg.module.init_from = init_from
+            log.info("stage %s: %s", stage.name, " ".join(stage.overrides))
+            stages[stage.name] = train(stage_cfg)
+            init_from = stages[stage.name]["last_checkpoint"]
+        final = stages[cfg.stages[-1].name]
+        results = {**final, "run_dir": str(run_dir), "stages": stages}
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        return results
 
 
 @hydra.main(version_base="1.3", config_path="pkg://tokenprune.conf", config_name="train")
@@ -159,7 +230,8 @@ def main(cfg: DictConfig) -> float:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     # stages get the command's overrides as typed: 'stages=${ltp_stages_from_finetuned}' stays unresolved
     typed = cast(list[str], OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
-    results = train_stages(cfg, typed) if cfg.get("stages") else train(cfg)
+    with nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
+        results = train_stages(cfg, typed) if cfg.get("stages") else train(cfg)
     return results["report"][f"report/{cfg.task.main_metric}"]
 
 

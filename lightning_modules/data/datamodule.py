@@ -45,6 +45,7 @@ class TaskDataModule(L.LightningDataModule):
         label_column: str = "label",
         seed: int = 0,
         token_level: bool = False,
+        num_labels: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -61,6 +62,7 @@ class TaskDataModule(L.LightningDataModule):
         self.label_column = label_column
         self.seed = seed
         self.token_level = token_level
+        self.num_labels = num_labels
         if token_level and len(self.text_columns) != 1:
             raise ValueError(f"token-level task.text_columns={self.text_columns} must name one column of word lists")
         self.splits: DatasetDict | None = None
@@ -78,7 +80,21 @@ class TaskDataModule(L.LightningDataModule):
         missing = [name for name in SPLITS if name not in raw]
         if missing:
             raise ValueError(f"task source returned splits {list(raw)}; missing {missing}")
+        for name in SPLITS:
+            self._check_labels(raw[name], name)
         self.splits = DatasetDict({name: self._tokenize(raw[name], name) for name in SPLITS})
+
+    def _check_labels(self, split: Dataset, name: str) -> None:
+        """Classification labels must lie in [0, task.num_labels) (token tasks: -100 marks ignored words)."""
+        if self.num_labels is None or self.num_labels == 1:  # regression: any real number
+            return
+        for row, label in enumerate(split[self.label_column]):
+            values = label if self.token_level else [label]
+            if any(not isinstance(v, int) or not 0 <= v < self.num_labels for v in values if v != -100):
+                raise ValueError(
+                    f"{name} split row {row} has label {label!r} outside [0, {self.num_labels}) "
+                    f"(task.num_labels={self.num_labels}); row: {dict(split[row])}"
+                )
 
     def _tokenize(self, split: Dataset, name: str) -> Dataset:
         """Tokenize without padding; evaluation splits are sorted longest first."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.fabric.utilities.seed import seed_everything
 
@@ -21,3 +23,16 @@ class StepSeed(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
     ) -> None:
         seed_everything((self.seed * 1_000_003 + trainer.global_step) % 2**32, verbose=False)
+
+
+class RunSettings(L.Callback):
+    """Store the run's resolved settings (flat `name -> value`, plain data) in every checkpoint,
+    so that a resume can compare them with the settings it is asked to continue with."""
+
+    KEY = "tokenprune_settings"
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.KEY] = self.settings

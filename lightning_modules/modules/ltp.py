@@ -9,13 +9,14 @@ loss only; it must start from a soft-stage checkpoint (`init_from`). Evaluation 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
 from tokenprune.checkpoints import read_checkpoint
-from tokenprune.checks import check_choice
+from tokenprune.checks import check_choice, check_range
 from tokenprune.modules.base import TokenPruningModule
 from tokenprune.pruners.ltp import LTPPruner
 
@@ -39,8 +40,7 @@ class LTPModule(TokenPruningModule):
         compare_unpruned: bool = True,
     ) -> None:
         check_choice("module.stage", stage, STAGES)
-        if mask_penalty < 0:
-            raise ValueError(f"module.mask_penalty={mask_penalty} must be >= 0 (lambda; the paper uses 0.01 .. 0.2)")
+        check_range("module.mask_penalty", mask_penalty, 0.0, math.inf)  # lambda; the paper uses 0.01 .. 0.2
         if not threshold_lr > 0:
             raise ValueError(f"module.threshold_lr={threshold_lr} must be > 0")
         super().__init__(backbone, task, pruner, optimizer, scheduler, compare_unpruned, init_from=init_from)
