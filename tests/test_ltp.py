@@ -77,7 +77,7 @@ def test_threshold_removing_everything_still_keeps_cls():
     [
         ("pruner.temperature=0", "pruner.temperature=0"),
         ("pruner.final_threshold=1.5", r"pruner.final_threshold=1.5 is outside the allowed range \[0.0, 1.0\]"),
-        ("module.mask_penalty=-0.1", "module.mask_penalty=-0.1 must be >= 0"),
+        ("module.mask_penalty=-0.1", r"module.mask_penalty=-0.1 is outside the allowed range \[0.0, inf\]"),
         ("module.stage=hard", "module.stage=hard needs module.init_from"),
         ("module.stage=medium", "module.stage=medium is not one of: finetune, soft, hard"),
     ],

@@ -64,6 +64,28 @@ def test_resume_from_last_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path):
+    overrides = [*FAST, "trainer.max_epochs=1", "seed=3"]
+    first = train(compose_app("train", overrides, tmp_path / "first"))
+    changed = [
+        *FAST,
+        "trainer.max_epochs=2",
+        "seed=3",
+        "module.optimizer.lr=3e-4",
+        f"ckpt_path={first['last_checkpoint']}",
+    ]
+    with pytest.raises(ValueError, match=r"module.optimizer.lr: 0.0001 -> 0.0003; trainer.max_epochs: 1 -> 2") as error:
+        train(compose_app("train", changed, tmp_path / "refused"))
+    assert "resume_allow_changes=[module.optimizer.lr,trainer.max_epochs]" in str(error.value)
+    assert not (tmp_path / "refused").exists()
+    allowed = [*changed, "resume_allow_changes=[trainer.max_epochs,module.optimizer.lr]"]
+    resumed = train(compose_app("train", allowed, tmp_path / "allowed"))
+    recorded = json.loads((tmp_path / "allowed" / "results.json").read_text())["resume_changes"]
+    assert recorded == resumed["resume_changes"]
+    assert recorded["settings"] == {"module.optimizer.lr": [1e-4, 3e-4], "trainer.max_epochs": [1, 2]}
+    assert recorded["at_step"] == 6
+
+
 def test_rerun_into_an_existing_run_folder_is_refused(topk_run):
     cfg = compose_app("train", FAST, Path(topk_run["run_dir"]))
     with pytest.raises(FileExistsError, match="refusing to overwrite"):

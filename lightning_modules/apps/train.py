@@ -57,7 +57,7 @@ RESUME_FREE = (
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
 )
-COMPARED = ("seed", "backbone", "task", "pruner", "module", "data", "trainer", "checkpoints", "report_on")
+COMPARED = ("seed", "backbone", "task", "pruner", "module", "data", "trainer", "report_on")
 
 
 def validate(cfg: DictConfig) -> None:
