@@ -20,6 +20,15 @@ ITERATIONS=${ITERATIONS:-16}
 MUTATIONS=${MUTATIONS:-10}
 CROSSOVERS=${CROSSOVERS:-10}
 EXTRA=${EXTRA:-}
+source "$(dirname "$0")/checks.sh"
+need_numbers LENGTH_DROP 0 0.99
+need_numbers LAYER_DROP 0 0.99
+need_int NUM_SANDWICH 0
+need_int SANDWICH_EPOCHS 1
+need_numbers SANDWICH_LR 1e-9 1
+need_int ITERATIONS 1
+need_int MUTATIONS 0
+need_int CROSSOVERS 0
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs}/length_adaptive/$(date +%Y-%m-%d_%H-%M-%S)
 export WANDB_MODE=${WANDB_MODE:-offline}
 root=$TOKENPRUNE_OUTPUTS

@@ -17,6 +17,11 @@ THRESHOLDS=${THRESHOLDS:-0.005}
 SOFT_EPOCHS=${SOFT_EPOCHS:-1}
 HARD_EPOCHS=${HARD_EPOCHS:-2}
 EXTRA=${EXTRA:-}
+source "$(dirname "$0")/checks.sh"
+need_numbers LAMBDAS 0 10
+need_numbers THRESHOLDS 0 1
+need_int SOFT_EPOCHS 1
+need_int HARD_EPOCHS 1
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs}/ltp_vs_baselines/$(date +%Y-%m-%d_%H-%M-%S)
 export WANDB_MODE=${WANDB_MODE:-offline}
 root=$TOKENPRUNE_OUTPUTS

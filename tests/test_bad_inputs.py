@@ -347,3 +347,61 @@ def test_search_and_bench_refuse_a_folder_with_outputs(tmp_path, trained):
         with pytest.raises(FileExistsError, match="refusing to overwrite"):
             run(compose_app(app, overrides, out))
         assert digest(out) == before
+
+
+# ------------------------------------------------------------------ sweep scripts
+SWEEP_CASES = [
+    ("ltp_vs_baselines.sh", "LAMBDAS", "abc"),
+    ("ltp_vs_baselines.sh", "LAMBDAS", "0.02,-1"),
+    ("ltp_vs_baselines.sh", "LAMBDAS", "0.02,,0.03"),
+    ("ltp_vs_baselines.sh", "THRESHOLDS", "2"),
+    ("ltp_vs_baselines.sh", "SOFT_EPOCHS", "0"),
+    ("ltp_vs_baselines.sh", "HARD_EPOCHS", "x"),
+    ("length_adaptive.sh", "LENGTH_DROP", "1.5"),
+    ("length_adaptive.sh", "LAYER_DROP", "nan"),
+    ("length_adaptive.sh", "NUM_SANDWICH", "-1"),
+    ("length_adaptive.sh", "SANDWICH_EPOCHS", "0"),
+    ("length_adaptive.sh", "SANDWICH_LR", "0"),
+    ("length_adaptive.sh", "ITERATIONS", "x"),
+    ("length_adaptive.sh", "MUTATIONS", "1.5"),
+    ("length_adaptive.sh", "CROSSOVERS", "-2"),
+]
+
+
+@pytest.mark.parametrize(("script", "variable", "value"), SWEEP_CASES)
+def test_sweep_scripts_refuse_bad_settings_before_any_run(tmp_path, script, variable, value):
+    import subprocess
+
+    env = {**os.environ, variable: value, "TOKENPRUNE_OUTPUTS": str(tmp_path / "outputs")}
+    done = subprocess.run(
+        ["bash", str(Path(__file__).parents[1] / "sweeps" / script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.startswith(f"{variable}="), done.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_checkpoint_from_before_the_tokenprune_namespace_still_loads(tmp_path, trained):
+    """Old layout: module_class and _target_s under `lightning_modules.`, an `optim` node."""
+    from tokenprune.modules.loading import load_module
+
+    checkpoint = torch.load(trained["last_checkpoint"], weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    optimizer, scheduler = hparams.pop("optimizer"), hparams.pop("scheduler")
+    hparams["optim"] = {
+        "lr": optimizer["lr"],
+        "weight_decay": optimizer["weight_decay"],
+        "warmup_ratio": scheduler["warmup_ratio"],
+    }
+    hparams["backbone"]["adapter"]["_target_"] = "lightning_modules.engine.BertFamilyAdapter"
+    checkpoint["module_class"] = "lightning_modules.finetune.FineTuneModule"
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    module = load_module(old)
+    assert type(module).__name__ == "FineTuneModule" and module.hparams["optimizer"]["lr"] == optimizer["lr"]
+    for key, value in load_module(trained["last_checkpoint"]).state_dict().items():
+        torch.testing.assert_close(module.state_dict()[key], value)

@@ -1,0 +1,19 @@
+# Sourced by the sweep scripts: refuse a bad environment setting before any run starts.
+#   need_int NAME MIN            the variable NAME holds an integer >= MIN
+#   need_numbers NAME MIN MAX    NAME holds one number, or a comma-separated list, each in [MIN, MAX]
+need_int() {
+  local value=${!1}
+  if ! [[ $value =~ ^[0-9]+$ ]] || (( value < $2 )); then
+    echo "$1=$value must be an integer >= $2" >&2; exit 2
+  fi
+}
+need_numbers() {
+  local value=${!1} item
+  IFS=, read -ra items <<< "$value"
+  [[ ${#items[@]} -gt 0 ]] || { echo "$1 is empty; give a number in [$2, $3]" >&2; exit 2; }
+  for item in "${items[@]}"; do
+    if ! [[ $item =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || ! awk -v x="$item" -v lo="$2" -v hi="$3" 'BEGIN { exit !(x >= lo && x <= hi) }'; then
+      echo "$1=$value: '$item' must be a number in [$2, $3]" >&2; exit 2
+    fi
+  done
+}
