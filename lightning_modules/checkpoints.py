@@ -31,6 +31,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with path.open("rb") as handle:
+        header = handle.read(2)
+    if header != b"PK" and header[:1] != b"\x80":  # torch.save writes a zip archive (or, legacy, a pickle)
+        raise ValueError(f"{path} is not a checkpoint file (no torch.save header)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -29,7 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import AutoTokenizer
 
-from tokenprune.apps.settings import BENCH, check_settings, claimed_run_dir, nothing_left_if_refused
+from tokenprune.apps.settings import (
+    BENCH,
+    check_settings,
+    claimed_run_dir,
+    nothing_left_if_refused,
+    refusals_as_messages,
+)
 from tokenprune.backbones import tokenizer_location
 from tokenprune.config import plain, plain_errors
 from tokenprune.engine.flops import encoder_macs, unpruned_macs
@@ -225,7 +231,7 @@ def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://tokenprune.conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    with nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
+    with refusals_as_messages(), nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
         measure_and_write(cfg)
 
 

@@ -26,7 +26,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tokenprune.apps.settings import SEARCH, check_settings, claimed_run_dir, nothing_left_if_refused
+from tokenprune.apps.settings import (
+    SEARCH,
+    check_settings,
+    claimed_run_dir,
+    nothing_left_if_refused,
+    refusals_as_messages,
+)
 from tokenprune.config import plain_errors
 from tokenprune.modules.length_adaptive import LengthAdaptiveModule
 from tokenprune.modules.loading import load_module
@@ -191,7 +197,7 @@ def write_outputs(
 @hydra.main(version_base="1.3", config_path="pkg://tokenprune.conf", config_name="search")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    with nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
+    with refusals_as_messages(), nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
         run_search(cfg)
 
 

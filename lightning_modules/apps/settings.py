@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,6 +151,22 @@ def claimed_run_dir(run_dir: Path, cfg: DictConfig, outputs: Sequence[str], app:
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+
+
+@contextmanager
+def refusals_as_messages() -> Iterator[None]:
+    """A refused setting or file ends the app with its one-line message and exit code 1, not a
+    traceback (set TOKENPRUNE_TRACEBACK=1 to see one)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if os.environ.get("TOKENPRUNE_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 @contextmanager

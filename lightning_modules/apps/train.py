@@ -21,7 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tokenprune.apps.settings import TRAINER, check_settings, claimed_run_dir, leaves, nothing_left_if_refused
+from tokenprune.apps.settings import (
+    TRAINER,
+    check_settings,
+    claimed_run_dir,
+    leaves,
+    nothing_left_if_refused,
+    refusals_as_messages,
+)
 from tokenprune.backbones import assert_same_backbone, load_config, usable_positions
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
@@ -230,7 +237,7 @@ def main(cfg: DictConfig) -> float:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     # stages get the command's overrides as typed: 'stages=${ltp_stages_from_finetuned}' stays unresolved
     typed = cast(list[str], OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
-    with nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
+    with refusals_as_messages(), nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
         results = train_stages(cfg, typed) if cfg.get("stages") else train(cfg)
     return results["report"][f"report/{cfg.task.main_metric}"]
 
