@@ -198,7 +198,9 @@ def test_crafted_checkpoints_are_refused_everywhere(tmp_path, trained, entry, ki
 def test_cli_exits_non_zero_on_a_payload_without_running_it(tmp_path, trained, app, args):
     path = crafted("payload", tmp_path, trained)
     done = run_cli(app, [a.format(path=path) for a in args] + [f"paths.root={tmp_path / 'outputs'}"], tmp_path)
-    assert done.returncode == 1 and done.stderr.startswith(f"error: {path} refused: it contains the global"), done.stderr
+    assert done.returncode == 1 and done.stderr.startswith(f"error: {path} refused: it contains the global"), (
+        done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "outputs").exists()
 
