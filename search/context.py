@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from tokenprune.engine.flops import EncoderDims, layer_macs, unpruned_macs
+from tokenprune.engine.pruner import TokenPruner
 from tokenprune.pruners.length import Gene, LengthConfigPruner, smallest_gene
 
 PRUNER_TARGET = "tokenprune.pruners.length.LengthConfigPruner"
@@ -17,13 +18,17 @@ PRUNER_TARGET = "tokenprune.pruners.length.LengthConfigPruner"
 @dataclass
 class SearchContext:
     """What a strategy needs from the app: model sizes, the val split's real lengths, the
-    checkpoint's length pruner (how a gene applies to an example) and a cached scorer
-    `score(key, pruner_config) -> record`."""
+    checkpoint's length pruner (how a gene applies to an example), a cached scorer
+    `score(key, pruner_config, split="val") -> record`, the checkpoint's own pruner, and
+    `measure(pruner_configs) -> speedups`: wall-clock speedup of each configuration over the
+    stock HF model on the report split at real lengths (interleaved timing, this device)."""
 
     dims: EncoderDims
     template: LengthConfigPruner
     lengths: Sequence[int]
-    score: Callable[[str, dict[str, Any]], dict[str, Any]]
+    score: Callable[..., dict[str, Any]]
+    checkpoint_pruner: TokenPruner | None = None
+    measure: Callable[[list[dict[str, Any]]], list[float]] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     _flops: dict[Gene, float] = field(default_factory=dict)
 

@@ -40,6 +40,7 @@ from tokenprune.pruners.length import LengthConfigPruner
 from tokenprune.search.context import SearchContext
 from tokenprune.search.evaluate import datamodule_for, evaluate
 from tokenprune.search.evolution import ConstantRatioSearch
+from tokenprune.search.latency import measured_speedups
 from tokenprune.search.pareto import hypervolume, pareto_front, plot_fronts
 from tokenprune.search.store import CandidateStore
 
@@ -107,7 +108,15 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
                 module.adapter.num_layers, reference_length=int(module.hparams["task"]["max_length"])
             )
         )
-        context = SearchContext(module.dims, template, data.lengths["val"], score)
+
+        def measure(pruner_cfgs: list[dict[str, Any]]) -> list[float]:
+            loader = datamodule_for(module, int(cfg.measure.batch_size)).test_dataloader()
+            batches = [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
+            pruners = [module.build_pruner(c) for c in pruner_cfgs]
+            with torch.inference_mode():
+                return measured_speedups(module, pruners, batches, int(cfg.measure.warmup), int(cfg.measure.repeats))
+
+        context = SearchContext(module.dims, template, data.lengths["val"], score, module.pruner, measure)
         candidates = pd.DataFrame(strategy.run(context))
         front = pareto_front(candidates, "score", "flops_ratio")
         reported = pd.DataFrame(
@@ -130,7 +139,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             "report_unpruned_gflops": unpruned["gflops"],
             "main_metric": main,
         }
-        write_outputs(cfg, candidates, reported, curves, context.history, summary)
+        write_outputs(cfg, candidates, reported, curves, context.history, summary, strategy)
         return {"candidates": candidates, "front": reported, "curves": curves, "history": context.history, **summary}
 
 
@@ -146,6 +155,7 @@ def write_outputs(
     curves: dict[str, pd.DataFrame],
     history: list[dict[str, float]],
     summary: dict[str, Any],
+    strategy: Any = None,
 ) -> None:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,9 +181,13 @@ def write_outputs(
         f"{cfg.run_name}",
         unpruned=(summary["report_unpruned_gflops"], summary["report_unpruned_score"]),
     )
+    own_plot = strategy.write_outputs(out, candidates) if hasattr(strategy, "write_outputs") else None
     for node in (cfg.logger or {}).values():
         logger = instantiate(node)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if own_plot is not None and hasattr(logger, "log_table"):  # the strategy's own table and figure
+            logger.log_table("search/candidates", dataframe=candidates.drop(columns=["pruner"]))
+            logger.log_image("search/strategy_plot", images=[str(own_plot)])
         for point in history:  # front quality per iteration: convergence is visible
             logger.log_metrics(
                 {f"search/{k}": v for k, v in point.items() if k != "iteration"}, step=int(point["iteration"])

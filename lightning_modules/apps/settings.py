@@ -92,6 +92,10 @@ SEARCH = {
     "eval_batch_size": Rule(int, 1),
     "device": Rule(choices=("cpu", "cuda", "mps")),
     "compare_constant_ratios": Rule(float, 0, 1, optional=True, each=True),
+    "measure.batch_size": Rule(int, 1),
+    "measure.warmup": Rule(int, 0),
+    "measure.repeats": Rule(int, 1),
+    "target_speedup": Rule(float, 1),
 }
 BENCH = {
     "seed": Rule(int, 0, 2**32 - 1),

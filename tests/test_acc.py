@@ -1,0 +1,172 @@
+"""ACC (Kachuee and Sharifkhani): expected speedup, Sort + Eliminate, profiling, offline tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from apps import FAST, compose_app
+from conftest import random_batch, tiny_model
+
+from tokenprune.apps.search import run_search
+from tokenprune.apps.train import train, train_stages
+from tokenprune.engine import PrunableEncoder
+from tokenprune.engine.flops import EncoderDims, encoder_macs, unpruned_macs
+from tokenprune.modules.loading import load_module
+from tokenprune.pruners.acc import (
+    ACCPruner,
+    coefficient_for_speedup,
+    elimination_profile,
+    expected_speedup,
+    keep_rates,
+)
+from tokenprune.search.acc import acc_flops_ratio
+
+# Table VI, Flan-T5-base encoder (12 layers), MMLU: SC -> encoder speedup
+TABLE_VI = {0.98: 1.18, 0.95: 1.41, 0.93: 1.58, 0.90: 1.83, 0.85: 2.34, 0.80: 2.94}
+
+
+@pytest.mark.parametrize(("coefficient", "published"), sorted(TABLE_VI.items()))
+def test_expected_speedup_reproduces_table_vi_with_a_flat_profile(coefficient, published):
+    speedup = expected_speedup(keep_rates([1.0] * 12, coefficient))
+    assert speedup == pytest.approx(published, rel=0.05)
+
+
+def test_speedup_coefficient_inverts_the_expected_speedup():
+    profile = [1.0, 0.9, 0.8, 0.8, 1.0, 1.0]
+    for target in (1.2, 1.8, 2.5):
+        coefficient = coefficient_for_speedup(profile, target)
+        assert expected_speedup(keep_rates(profile, coefficient)) == pytest.approx(target, rel=1e-6)
+    for bad in (0.5, 1e6):
+        with pytest.raises(ValueError, match=rf"target_speedup={bad} is outside what this profile allows"):
+            coefficient_for_speedup(profile, bad)
+
+
+def test_elimination_profile_follows_the_fit_until_it_rises():
+    assert elimination_profile([4.0, 3.0, 2.4, 3.0, 1.0]) == pytest.approx([1.0, 0.75, 0.8, 1.0, 1.0])
+    assert elimination_profile([4.0, 3.0, 2.0], rule="flat") == [1.0, 1.0, 1.0]
+
+
+def test_sort_and_eliminate_keeps_floor_of_rate_times_tokens_and_cls():
+    model, adapter = tiny_model("bert", layers=3)
+    ids, mask = random_batch(batch=4, length=24)
+    pruner = ACCPruner(3, speedup_coefficient=0.7)
+    with torch.no_grad():
+        out = PrunableEncoder(adapter)(ids, mask, pruner=pruner)
+    expected = mask.sum(dim=1)
+    for layer in out.trace:
+        expected = torch.clamp(torch.floor(expected * 0.7 + 1e-9).long(), min=1)
+        assert torch.equal(layer.n_out, expected)
+    assert out.hidden.shape[1] == int(expected.max()), "eliminated tokens are physically gone"
+    assert bool((out.positions[:, 0] == 0).all()), "[CLS] is never eliminated"
+
+
+def test_no_sort_keeps_the_first_tokens_and_random_differs_from_sv():
+    model, adapter = tiny_model("bert", layers=3)
+    ids, mask = random_batch(batch=2, length=20)
+    encoder = PrunableEncoder(adapter)
+    with torch.no_grad():
+        first = encoder(ids, mask, pruner=ACCPruner(3, speedup_coefficient=0.5, order="none"))
+        by_score = encoder(ids, mask, pruner=ACCPruner(3, speedup_coefficient=0.5, order="sv"))
+        torch.manual_seed(0)
+        shuffled = encoder(ids, mask, pruner=ACCPruner(3, speedup_coefficient=0.5, order="random"))
+    kept = int(first.mask[0].sum())
+    assert first.positions[0, :kept].tolist() == list(range(kept))
+    assert not torch.equal(by_score.positions, shuffled.positions)
+
+
+def test_analytic_flops_match_the_engine_trace():
+    model, adapter = tiny_model("bert", layers=3)
+    ids, mask = random_batch(batch=4, length=24)
+    pruner = ACCPruner(3, speedup_coefficient=0.8, profile=[1.0, 0.9, 0.7])
+    with torch.no_grad():
+        trace = PrunableEncoder(adapter)(ids, mask, pruner=pruner).trace
+    dims = EncoderDims.of(adapter)
+    lengths = mask.sum(dim=1)
+    engine = float(encoder_macs(dims, trace).sum() / unpruned_macs(dims, lengths).sum())
+    assert acc_flops_ratio(dims, lengths.tolist(), pruner) == pytest.approx(engine, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pruner.speedup_coefficient=0", r"pruner.speedup_coefficient=0 is outside"),
+        ("pruner.speedup_coefficient=-1", r"pruner.speedup_coefficient=-1 is outside"),
+        ("pruner.speedup_coefficient=fast", r"pruner.speedup_coefficient='fast' must be a number"),
+        ("pruner.speedup_coefficient=nan", r"pruner.speedup_coefficient=nan is not a finite number"),
+        ("pruner.order=alphabetical", r"pruner.order=alphabetical is not one of: sv, random, none"),
+        ("pruner.rounding=up", r"pruner.rounding=up is not one of"),
+        ("pruner.profile=[1.0,0.5]", r"pruner.profile has 2 entries; the backbone has 3 layers"),
+        ("pruner.profile=[1.0,0.0,1.0]", r"pruner.profile\[1\]=0.0 is outside"),
+    ],
+)
+def test_bad_acc_settings_fail_before_training(tmp_path, override, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        train(compose_app("train", [*FAST, "pruner=acc", "module=acc", override], tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def acc_run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("acc")
+    overrides = [*FAST, "experiment=acc", "module.profile_batches=4", "pruner.speedup_coefficient=0.8"]
+    return train_stages(compose_app("train", overrides, root / "run"), [*overrides, f"paths.root={root}"])
+
+
+def test_experiment_profiles_the_finetuned_model_and_trains_with_elimination(acc_run):
+    finetuned = Path(acc_run["stages"]["finetune"]["last_checkpoint"])
+    artifact = json.loads(Path(f"{finetuned}.acc-profile.json").read_text())
+    assert Path(f"{finetuned}.acc-profile.png").is_file()
+    assert len(artifact["acc"]) == 3 and artifact["backbone"] == "tiny" and artifact["task"] == "rt_sentiment"
+    module = load_module(acc_run["last_checkpoint"])
+    assert isinstance(module.pruner, ACCPruner)
+    assert module.pruner.profile == artifact["profile"] and module.pruner.acc == artifact["acc"]
+    assert acc_run["report"]["report/flops_ratio"] < 0.9
+
+
+def test_a_profile_of_another_checkpoint_is_refused(tmp_path, acc_run):
+    finetuned = acc_run["stages"]["finetune"]["last_checkpoint"]
+    other = acc_run["last_checkpoint"]  # a different checkpoint file than the one the profile was measured on
+    overrides = [
+        *FAST,
+        "pruner=acc",
+        "module=acc",
+        f"module.init_from={other}",
+        f"module.profile_path={finetuned}.acc-profile.json",
+    ]
+    with pytest.raises(ValueError, match=r"module.profile_path=.* was measured on another model or task"):
+        train(compose_app("train", overrides, tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
+
+
+def test_offline_tuning_and_ablation_without_training(tmp_path, acc_run):
+    overrides = [
+        "logger=csv",
+        f"checkpoint={acc_run['last_checkpoint']}",
+        "search=acc_offline",
+        "search.values=[0.6,0.8,1.0]",
+        "search.orders=[sv,random,none]",
+        "measure.repeats=1",
+        "measure.warmup=0",
+    ]
+    run_search(compose_app("search", overrides, tmp_path / "offline"))
+    table = pd.read_csv(tmp_path / "offline" / "offline_tuning.csv")
+    assert len(table) == 9 and set(table.order) == {"sv", "random", "none"}
+    sv = table[table.order == "sv"].sort_values("speedup_coefficient")
+    assert sv.report_flops_ratio.is_monotonic_increasing and sv.expected_speedup.is_monotonic_decreasing
+    assert (table.measured_speedup > 0).all() and (tmp_path / "offline" / "offline_tuning.png").is_file()
+
+
+def test_speedup_search_prints_the_coefficient_and_both_figures(tmp_path, acc_run, capsys):
+    overrides = ["logger=csv", f"checkpoint={acc_run['last_checkpoint']}", "search=acc_speedup", "target_speedup=1.6"]
+    result = run_search(compose_app("search", overrides, tmp_path / "speedup"))
+    row = result["candidates"].iloc[0]
+    assert row.expected_speedup == pytest.approx(1.6, rel=1e-4) and 0 < row.exact_flops_ratio < 1
+    assert f"SC {row.speedup_coefficient:.4f} for a target speedup of 1.6" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="target_speedup=0.5 is outside"):
+        run_search(compose_app("search", [*overrides[:-1], "target_speedup=0.5"], tmp_path / "low"))
+    with pytest.raises(ValueError, match="search.objective=speed is not one of: flops, latency"):
+        run_search(compose_app("search", [*overrides, "search.objective=speed"], tmp_path / "objective"))
