@@ -1,6 +1,7 @@
 """ACC's inference-time knob, the Speedup Coefficient (Kachuee and Sharifkhani, arXiv 2201.03327).
 
-* ACCSpeedup (`search=acc_speedup`): the SC for a target speedup. `objective=flops`: the closed
+* ACCSpeedup (`search=acc_speedup`): the SC for a target speedup (with the checkpoint's profile;
+  a checkpoint from before ACC training, e.g. the fine-tuned one, gets a flat profile). `objective=flops`: the closed
   form of eq. (4)-(7) (pruners/acc.expected_speedup) inverted by bisection, with the exact FLOPs
   ratio of that SC on the val split's real lengths; `objective=latency`: measured speedups of a
   few calibration SCs on this device, interpolated, and the interpolated SC measured again.
@@ -71,7 +72,10 @@ class ACCSpeedup:
         self.target, self.objective, self.calibration = target_speedup, objective, sorted(calibration)
 
     def run(self, context: SearchContext) -> list[dict[str, Any]]:
-        pruner = checkpoint_acc_pruner(context)
+        # before ACC training (e.g. on the fine-tuned checkpoint) there is no profile yet: flat
+        pruner = context.checkpoint_pruner
+        if not isinstance(pruner, ACCPruner):
+            pruner = ACCPruner(context.dims.num_layers)
         coefficient = coefficient_for_speedup(pruner.profile, self.target)
         if self.objective == "latency":
             assert context.measure is not None, "the app measures latency"
