@@ -158,3 +158,13 @@ def test_slurm_launcher_config_composes_with_cluster_settings(tmp_path):
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.mem_gb, launcher.timeout_min) == ("gpu", 1, 32, 60)
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.use_distributed_sampler is False
+
+
+@pytest.mark.parametrize("debug", ["fdr", "limit"])
+def test_debug_configs_and_trainer_flags_without_plus(tmp_path, debug):
+    overrides = ["backbone=tiny", "data.batch_size=16", f"debug={debug}", "trainer.limit_train_batches=2"]
+    cfg = compose_app("train", overrides, tmp_path / debug)
+    assert list(cfg.logger) == ["csv"] and cfg.trainer.detect_anomaly
+    results = train(cfg)
+    assert 0.0 <= results["report"]["report/accuracy"] <= 1.0
+    assert (results["last_checkpoint"] is None) == (debug == "fdr"), "fast_dev_run writes no checkpoints"
