@@ -2,7 +2,9 @@
 
 A spec has `name`, `pretrained` (a hub id / local folder, or a `_target_` node returning one,
 or null for random weights), `tokenizer` (same forms), `config` (overrides,
-or the full config when `pretrained` is null) and `adapter` (a `_target_` node, `_partial_`).
+or the full config when `pretrained` is null), `adapter` (a `_target_` node, `_partial_`) and
+optionally `head`: `classification` (default; token classification for token-level tasks),
+`causal_lm` (GPT-2 with GPT2Adapter) or `seq2seq_lm` (T5 / Flan-T5 with T5EncoderAdapter).
 """
 
 from __future__ import annotations
@@ -13,13 +15,23 @@ from typing import Any
 from hydra.utils import instantiate
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     PretrainedConfig,
     PreTrainedModel,
 )
 
+from tokenprune.checks import check_choice
 from tokenprune.engine.adapters import EncoderAdapter
+
+# The HF auto class each backbone `head` builds (token-level tasks override `classification`).
+HEADS: dict[str, Any] = {
+    "classification": AutoModelForSequenceClassification,
+    "causal_lm": AutoModelForCausalLM,
+    "seq2seq_lm": AutoModelForSeq2SeqLM,
+}
 
 # Families whose position ids start after the padding index (RoBERTa's learned offset).
 _POSITION_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "camembert")
@@ -64,9 +76,12 @@ def load_config(spec: Mapping[str, Any], num_labels: int) -> PretrainedConfig:
 def load_backbone(
     spec: Mapping[str, Any], num_labels: int, token_level: bool = False
 ) -> tuple[PreTrainedModel, EncoderAdapter]:
-    """The HF model with a sequence (or token) classification head, and its engine adapter."""
+    """The HF model with the spec's head (sequence or token classification, causal or seq2seq LM)
+    and its engine adapter."""
+    head = spec.get("head", "classification")
+    check_choice("backbone.head", head, tuple(HEADS))
     config = load_config(spec, num_labels)
-    auto = AutoModelForTokenClassification if token_level else AutoModelForSequenceClassification
+    auto = AutoModelForTokenClassification if token_level and head == "classification" else HEADS[head]
     pretrained = resolve_location(spec.get("pretrained"))
     model = auto.from_config(config) if pretrained is None else auto.from_pretrained(pretrained, config=config)
     adapter = instantiate(spec["adapter"])(model)

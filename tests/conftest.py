@@ -11,9 +11,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 
-from tokenprune.engine import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter
+from tokenprune.engine import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter, GPT2Adapter, T5EncoderAdapter
 
 FAMILIES = {
     "bert": (BertFamilyAdapter, {}),
@@ -38,6 +44,25 @@ def tiny_model(
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn).eval()
     return model, adapter_cls(model)
+
+
+def tiny_gpt2(attn: str = "sdpa", layers: int = 3) -> tuple[PreTrainedModel, GPT2Adapter]:
+    """A random-weight GPT-2 LM: 4 heads, hidden 32, vocab 120, 64 positions."""
+    config = AutoConfig.for_model(
+        "gpt2", vocab_size=120, n_positions=64, n_embd=32, n_layer=layers, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    return model, GPT2Adapter(model)
+
+
+def tiny_t5(attn: str = "sdpa", **overrides) -> tuple[PreTrainedModel, T5EncoderAdapter]:
+    """A random-weight T5 seq2seq model: 2+2 layers, 4 heads, d_model 32, d_kv 8, d_ff 64, vocab 120."""
+    sizes = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4, **overrides}
+    config = AutoConfig.for_model("t5", vocab_size=120, decoder_start_token_id=0, pad_token_id=0, **sizes)
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config, attn_implementation=attn).eval()
+    return model, T5EncoderAdapter(model)
 
 
 def random_batch(batch: int = 4, length: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,15 @@
 """The prunable-encoder engine shared by every method."""
 
-from tokenprune.engine.adapters import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter, LayerParts
-from tokenprune.engine.encoder import PrunableEncoder
+from tokenprune.engine.adapters import (
+    BertFamilyAdapter,
+    DistilBertAdapter,
+    EncoderAdapter,
+    GPT2Adapter,
+    LayerParts,
+    Projection,
+    T5EncoderAdapter,
+)
+from tokenprune.engine.encoder import PrunableEncoder, seq2seq_logits
 from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
 
 __all__ = [
@@ -9,8 +17,12 @@ __all__ = [
     "DistilBertAdapter",
     "EncoderAdapter",
     "EncoderOutput",
+    "GPT2Adapter",
     "LayerParts",
     "LayerTrace",
     "PrunableEncoder",
+    "Projection",
+    "T5EncoderAdapter",
     "TokenState",
+    "seq2seq_logits",
 ]

@@ -1,8 +1,12 @@
 """Backbone adapters: map a HF transformers 5.x model family onto the engine's layer loop.
 
-An adapter only points at the HF model's own sub-modules (embeddings, Q/K/V/output linears,
-LayerNorms, FFN, classifier), so parameters and state_dict keys stay exactly those of the HF
-model. The engine owns the layer loop and the attention arithmetic between those modules.
+An adapter only points at the HF model's own sub-modules (embeddings, Q/K/V/output projections,
+norms, FFN, heads), so parameters and state_dict keys stay exactly those of the HF model. The
+engine owns the layer loop and the attention arithmetic between those modules. What differs
+between families is declared here, never tested for in the loop: post- or pre-norm layers
+(`LayerParts.pre_norm`), the softmax scale, the additive attention bias (key mask, causal mask
+over original positions, relative position bias: `attention_bias`), causal score normalisation
+and which token of a row is never eliminated (`causal`, `protected_token`).
 """
 
 from __future__ import annotations
@@ -10,28 +14,67 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
+
+from tokenprune.engine.state import TokenState
+
+# Flan-T5 and T5 were trained on inputs of up to 512 tokens; relative positions have no table limit.
+T5_INPUT_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A linear map `x @ weight.T + bias` in nn.Linear orientation: weight (out, in).
+
+    The tensors may be views of a fused or transposed HF parameter (GPT-2's Conv1D c_attn), so
+    gradients reach the HF parameter; the engine slices their rows/columns per attention head.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Projection:
+        return cls(linear.weight, linear.bias)
 
 
 @dataclass(frozen=True)
 class LayerParts:
-    """The pieces of one post-LayerNorm encoder layer the engine calls in order."""
+    """The pieces of one transformer layer the engine calls in order.
 
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
-    out_proj: nn.Linear
+    Post-norm (BERT): x -> attention(x) -> add_and_norm(proj, x) -> feed_forward.
+    Pre-norm (GPT-2, T5): attention reads pre_norm(x); add_and_norm only adds the residual x;
+    feed_forward is `x + FFN(norm(x))`.
+    """
+
+    query: Projection
+    key: Projection
+    value: Projection
+    out_proj: Projection
     attention_dropout: float
     add_and_norm: Callable[[Tensor, Tensor], Tensor]  # (projected context, residual) -> x
-    feed_forward: Callable[[Tensor], Tensor]  # x -> layer output (FFN + residual + norm)
+    feed_forward: Callable[[Tensor], Tensor]  # x -> layer output (FFN block with its residual and norm)
+    pre_norm: Callable[[Tensor], Tensor] | None = None  # norm of the layer input before Q/K/V (pre-norm families)
+    scale: float | None = None  # softmax scale of the attention logits; None: 1/sqrt(d_h)
 
 
 class EncoderAdapter(ABC):
-    """Common interface of a backbone family. Subclasses only locate modules."""
+    """Common interface of a backbone family. Subclasses only locate modules.
+
+    causal: queries see only keys at earlier or equal original positions (decoders); the score
+        vector is then normalised by the number of queries that see each token (ACC eq. 8).
+    protected_token: the token of each row that is never eliminated: "first" ([CLS], slot 0) for
+        encoders, "last" (the newest real token) for causal decoders (DESIGN.md s.3).
+    ffn_matrices: d x d_ff matrices in the FFN (2; 3 for gated FFNs), for the FLOPs counter.
+    """
+
+    causal: bool = False
+    protected_token: Literal["first", "last"] = "first"
+    ffn_matrices: int = 2
 
     def __init__(self, model: PreTrainedModel) -> None:
         # HF sub-modules are found by attribute name, which static typing cannot follow: Any.
@@ -42,7 +85,11 @@ class EncoderAdapter(ABC):
         self.hidden_size: int = config.hidden_size
         self.head_dim: int = self.hidden_size // self.num_heads
         self.intermediate_size: int = getattr(config, "intermediate_size", 0)
-        self.max_positions: int = config.max_position_embeddings
+        self.max_positions: int = self.position_limit(config)
+
+    def position_limit(self, config: PretrainedConfig) -> int:
+        """Longest input the position encoding supports."""
+        return config.max_position_embeddings
 
     @abstractmethod
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
@@ -50,11 +97,17 @@ class EncoderAdapter(ABC):
 
     @abstractmethod
     def layer(self, index: int) -> LayerParts:
-        """Modules of encoder layer `index`."""
+        """Modules of layer `index`."""
 
-    @abstractmethod
+    def attention_bias(self, state: TokenState, dtype: torch.dtype) -> Tensor:
+        """Additive attention-logit term for the tokens of `state`, broadcastable to (B, H, n, n):
+        the key mask, causal over original positions for causal families. Computed once per
+        set of tokens (at the start and after each layer that removes tokens)."""
+        return state.additive_mask(dtype, causal=self.causal)
+
     def classify(self, hidden: Tensor) -> Tensor:
         """Sequence-level logits from final hidden states whose slot 0 is [CLS]."""
+        raise NotImplementedError(f"{type(self).__name__} has no sequence-classification head")
 
     def token_logits(self, hidden: Tensor) -> Tensor:
         """Token-level logits (token classification heads: dropout + linear)."""
@@ -79,10 +132,10 @@ class BertFamilyAdapter(EncoderAdapter):
         attention = layer.attention.self
         output = layer.attention.output
         return LayerParts(
-            query=attention.query,
-            key=attention.key,
-            value=attention.value,
-            out_proj=output.dense,
+            query=Projection.of(attention.query),
+            key=Projection.of(attention.key),
+            value=Projection.of(attention.value),
+            out_proj=Projection.of(output.dense),
             attention_dropout=attention.dropout.p,
             add_and_norm=lambda x, residual: output.LayerNorm(output.dropout(x) + residual),
             feed_forward=layer.feed_forward_chunk,
@@ -110,10 +163,10 @@ class DistilBertAdapter(EncoderAdapter):
         block = self._layers[index]
         attention = block.attention
         return LayerParts(
-            query=attention.q_lin,
-            key=attention.k_lin,
-            value=attention.v_lin,
-            out_proj=attention.out_lin,
+            query=Projection.of(attention.q_lin),
+            key=Projection.of(attention.k_lin),
+            value=Projection.of(attention.v_lin),
+            out_proj=Projection.of(attention.out_lin),
             attention_dropout=attention.dropout.p,
             add_and_norm=lambda x, residual: block.sa_layer_norm(x + residual),
             feed_forward=lambda x: block.output_layer_norm(block.ffn(x) + x),
@@ -122,3 +175,124 @@ class DistilBertAdapter(EncoderAdapter):
     def classify(self, hidden: Tensor) -> Tensor:
         pooled = torch.relu(self.model.pre_classifier(hidden[:, 0]))
         return self.model.classifier(self.model.dropout(pooled))
+
+
+class GPT2Adapter(EncoderAdapter):
+    """GPT-2 (GPT2LMHeadModel) for ACC on decoders (Kachuee and Sharifkhani, arXiv 2201.03327).
+
+    Pre-LayerNorm blocks: ln_1 -> attention (c_attn, a Conv1D, yields q, k, v; c_proj) ->
+    residual; ln_2 -> MLP -> residual; ln_f before the LM head. Attention is causal over the
+    original positions of the kept tokens, scores follow eq. (8), the newest token is protected.
+    """
+
+    causal = True
+    protected_token = "last"
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__(model)
+        self.base: Any = self.model.base_model
+        self.intermediate_size = model.config.n_inner or 4 * self.hidden_size
+        self._layers: Any = self.base.h
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.base.wte(input_ids) + self.base.wpe(positions)
+        if token_type_ids is not None:  # GPT-2 embeds token types with the token table
+            hidden = hidden + self.base.wte(token_type_ids)
+        return self.base.drop(hidden)
+
+    def layer(self, index: int) -> LayerParts:
+        block = self._layers[index]
+        attention = block.attn
+        # Conv1D computes x @ W + b with W (in, out): W.T is the nn.Linear orientation.
+        weights = attention.c_attn.weight.T.split(self.hidden_size)
+        biases = attention.c_attn.bias.split(self.hidden_size)
+        query, key, value = (Projection(w, b) for w, b in zip(weights, biases, strict=True))
+        return LayerParts(
+            query=query,
+            key=key,
+            value=value,
+            out_proj=Projection(attention.c_proj.weight.T, attention.c_proj.bias),
+            attention_dropout=attention.attn_dropout.p,
+            add_and_norm=lambda x, residual: attention.resid_dropout(x) + residual,
+            feed_forward=lambda x: x + block.mlp(block.ln_2(x)),
+            pre_norm=block.ln_1,
+            scale=attention.scaling,
+        )
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        """Next-token logits: ln_f then the LM head (use full-length, restored hidden states)."""
+        return self.model.lm_head(self.base.ln_f(hidden))
+
+
+class T5EncoderAdapter(EncoderAdapter):
+    """The encoder of T5 / Flan-T5 (T5ForConditionalGeneration); only its self-attention eliminates.
+
+    Pre-RMSNorm blocks: layer[0].layer_norm -> SelfAttention (q, k, v, o without bias, no
+    1/sqrt(d_kv) scaling) -> residual; layer[1] (norm -> DenseReluDense -> residual); the
+    encoder's final_layer_norm before the decoder. Every layer adds the relative position bias
+    of the first layer's SelfAttention, here over the original positions of the kept tokens.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__(model)
+        config = model.config
+        self.encoder: Any = self.model.encoder
+        self.head_dim = config.d_kv
+        self.intermediate_size = config.d_ff
+        self.ffn_matrices = 3 if config.is_gated_act else 2
+        self._layers: Any = self.encoder.block
+        self._position_attention: Any = self._layers[0].layer[0].SelfAttention
+
+    def position_limit(self, config: PretrainedConfig) -> int:
+        return T5_INPUT_LENGTH
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        return self.encoder.dropout(self.encoder.embed_tokens(input_ids))
+
+    def layer(self, index: int) -> LayerParts:
+        attention_layer, feed_forward = self._layers[index].layer[0], self._layers[index].layer[-1]
+        attention = attention_layer.SelfAttention
+        return LayerParts(
+            query=Projection.of(attention.q),
+            key=Projection.of(attention.k),
+            value=Projection.of(attention.v),
+            out_proj=Projection.of(attention.o),
+            attention_dropout=attention.dropout,
+            add_and_norm=lambda x, residual: residual + attention_layer.dropout(x),
+            feed_forward=feed_forward,
+            pre_norm=attention_layer.layer_norm,
+            scale=attention.scaling,
+        )
+
+    def position_bias(self, positions: Tensor) -> Tensor:
+        """T5's bidirectional relative position bias (B, H, n, n) between tokens at the given
+        original positions (B, n): bucket(key position - query position) -> per-head scalar."""
+        attention = self._position_attention
+        relative = positions[:, None, :] - positions[:, :, None]
+        buckets = attention._relative_position_bucket(
+            relative,
+            bidirectional=True,
+            num_buckets=attention.relative_attention_num_buckets,
+            max_distance=attention.relative_attention_max_distance,
+        )
+        return attention.relative_attention_bias(buckets).permute(0, 3, 1, 2)
+
+    def attention_bias(self, state: TokenState, dtype: torch.dtype) -> Tensor:
+        return self.position_bias(state.positions).to(dtype) + super().attention_bias(state, dtype)
+
+    def encoder_states(self, hidden: Tensor) -> Tensor:
+        """The encoder output the decoder cross-attends to: final_layer_norm, then dropout."""
+        return self.encoder.dropout(self.encoder.final_layer_norm(hidden))
+
+    def decoder_logits(
+        self, hidden: Tensor, mask: Tensor, decoder_input_ids: Tensor, decoder_attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """LM logits of the HF decoder cross-attending to the (kept) encoder tokens `hidden`
+        (B, m, d) whose real slots are `mask` (B, m)."""
+        return self.model(
+            encoder_outputs=(self.encoder_states(hidden),),
+            attention_mask=mask.long(),
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+        ).logits

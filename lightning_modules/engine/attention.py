@@ -24,19 +24,27 @@ def chunked_attention_applies(query: Tensor, dropout: float) -> bool:
     return dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
 
 
-def softmax_attention(query: Tensor, key: Tensor, additive: Tensor) -> Tensor:
-    """Attention probabilities softmax(QK^T / sqrt(d_h) + additive), (B, h, n, n)."""
-    logits = torch.matmul(query * query.shape[-1] ** -0.5, key.transpose(-1, -2)).add_(additive)
+def softmax_attention(query: Tensor, key: Tensor, additive: Tensor, scale: float | None = None) -> Tensor:
+    """Attention probabilities softmax(scale * QK^T + additive), (B, h, n, n); scale defaults to 1/sqrt(d_h)."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(query * scale, key.transpose(-1, -2)).add_(additive)
     return torch.softmax(logits, dim=-1)
 
 
 def attention_with_scores(
-    query: Tensor, key: Tensor, value: Tensor, additive: Tensor, mask: Tensor
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    additive: Tensor,
+    mask: Tensor,
+    scale: float | None = None,
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Context (B, h, n, d_h) of every query row and the score vector SV (B, n).
 
-    additive: (B, 1, 1, n) key mask added to the logits; mask: (B, n) bool, real tokens. Equal to
-    softmax(QK^T / sqrt(d_h) + additive) @ V and score_vector(probs, mask) on the whole batch.
+    additive: key mask (B, 1, 1, n) or full bias (B, 1 or h, n, n) added to the logits; mask:
+    (B, n) bool, real tokens. Equal to softmax_attention(query, key, additive, scale) @ V and
+    score_vector(probs, mask, causal) on the whole batch.
     """
     batch, heads, length, _ = query.shape
     # Chunks are for CPU caches; an accelerator gets the whole batch in one launch.
@@ -45,7 +53,7 @@ def attention_with_scores(
     scores = query.new_empty(batch, length)
     for start in range(0, batch, step):
         rows = slice(start, start + step)
-        probs = softmax_attention(query[rows], key[rows], additive[rows])
-        scores[rows] = score_vector(probs, mask[rows])
+        probs = softmax_attention(query[rows], key[rows], additive[rows], scale)
+        scores[rows] = score_vector(probs, mask[rows], causal)
         torch.matmul(probs, value[rows], out=context[rows])
     return context, scores

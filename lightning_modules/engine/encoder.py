@@ -4,7 +4,9 @@ The loop reuses the HF modules through an adapter and owns only the attention ar
 that it can (a) give a pruner the score vector in the layers that prune, (b) compute the output
 projection and FFN for the kept rows only, and (c) slice attention heads. Layers that do not
 prune use fused scaled-dot-product attention; pruning layers compute probabilities one batch
-chunk at a time at inference (engine/attention.py), on the whole batch when training.
+chunk at a time at inference (engine/attention.py), on the whole batch when training. Family
+differences (pre-norm, softmax scale, causal or position-biased attention, the protected token)
+come from the adapter (engine/adapters.py); the loop has no per-family branch.
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenprune.engine.adapters import EncoderAdapter, LayerParts
+from tokenprune.engine.adapters import EncoderAdapter, LayerParts, Projection, T5EncoderAdapter
 from tokenprune.engine.attention import attention_with_scores, chunked_attention_applies, softmax_attention
 from tokenprune.engine.pruner import TokenPruner
 from tokenprune.engine.scoring import score_vector
 from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
 
 
-def _project(linear: torch.nn.Linear, x: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
+def _project(projection: Projection, x: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
     """Q/K/V projection of x (B, n, d) to (B, h, n, d_h), computing only the rows of `heads`."""
-    weight: Tensor = linear.weight
-    bias: Tensor | None = linear.bias
+    weight, bias = projection.weight, projection.bias
     if heads is not None:
         weight = weight.view(-1, head_dim, weight.shape[-1])[heads].flatten(0, 1)
         bias = bias.view(-1, head_dim)[heads].flatten() if bias is not None else None
@@ -33,12 +34,12 @@ def _project(linear: torch.nn.Linear, x: Tensor, heads: Tensor | None, head_dim:
     return out.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
-def _out_project(linear: torch.nn.Linear, context: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
+def _out_project(projection: Projection, context: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
     """Output projection of context (B, h, m, d_h) to (B, m, d), using the columns of `heads`."""
-    weight = linear.weight
+    weight = projection.weight
     if heads is not None:
         weight = weight.view(weight.shape[0], -1, head_dim)[:, heads].flatten(1, 2)
-    return F.linear(context.transpose(1, 2).flatten(2), weight, linear.bias)
+    return F.linear(context.transpose(1, 2).flatten(2), weight, projection.bias)
 
 
 def _rows(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
@@ -84,6 +85,7 @@ class PrunableEncoder:
         state = TokenState.start(adapter.embed(input_ids, token_type_ids), attention_mask)
         batch, length, width = state.hidden.shape
         full = state.hidden.new_zeros(batch, length + 1, width) if restore else None  # Drop-and-Restore buffer
+        bias = adapter.attention_bias(state, state.hidden.dtype)
         trace: list[LayerTrace] = []
         for index in range(adapter.num_layers):
             if index in skip_layers:
@@ -94,7 +96,12 @@ class PrunableEncoder:
             prune = pruner is not None and pruner.prunes_at(index) and not pruner.keeps_all(index, state)
             if full is not None and prune:
                 full = self._write_back(full, state)
-            state, layer_trace = self._layer(index, adapter.layer(index), state, pruner if prune else None, layer_heads)
+            kept, layer_trace = self._layer(
+                index, adapter.layer(index), state, bias, pruner if prune else None, layer_heads
+            )
+            if kept.positions is not state.positions:  # tokens were removed: the bias follows them
+                bias = adapter.attention_bias(kept, kept.hidden.dtype)
+            state = kept
             trace.append(layer_trace)
         if full is not None:
             full = self._write_back(full, state)[:, :-1]
@@ -113,37 +120,47 @@ class PrunableEncoder:
         index: int,
         parts: LayerParts,
         state: TokenState,
+        bias: Tensor,
         pruner: TokenPruner | None,
         heads: Tensor | None,
     ) -> tuple[TokenState, LayerTrace]:
-        head_dim = self.adapter.head_dim
+        """One layer over `state`; bias is the adapter's additive attention term for its tokens."""
+        adapter = self.adapter
+        head_dim = adapter.head_dim
         x = state.hidden
-        n_heads = heads.numel() if heads is not None else self.adapter.num_heads
-        training = parts.query.training
+        n_heads = heads.numel() if heads is not None else adapter.num_heads
+        training = adapter.model.training
         dropout = parts.attention_dropout if training else 0.0
-        query = _project(parts.query, x, heads, head_dim)
-        key = _project(parts.key, x, heads, head_dim)
-        value = _project(parts.value, x, heads, head_dim)
-        additive = state.additive_mask(x.dtype)
+        normed = parts.pre_norm(x) if parts.pre_norm is not None else x
+        query = _project(parts.query, normed, heads, head_dim)
+        key = _project(parts.key, normed, heads, head_dim)
+        value = _project(parts.value, normed, heads, head_dim)
+        if heads is not None and bias.shape[1] > 1:  # a per-head bias (T5): the kept heads' rows
+            bias = bias[:, heads]
         n_in = state.lengths
 
         if pruner is None:
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=additive, dropout_p=dropout)
-            hidden = self._finish(parts, context, x, heads)
+            hidden = self._finish(parts, self._attend(query, key, value, bias, parts, dropout), x, heads)
             return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
 
         probs = scores = full_context = None
         if pruner.needs_scores and chunked_attention_applies(query, dropout):
-            full_context, scores = attention_with_scores(query, key, value, additive, state.mask)
+            full_context, scores = attention_with_scores(
+                query, key, value, bias, state.mask, parts.scale, adapter.causal
+            )
         elif pruner.needs_scores:
-            probs = softmax_attention(query, key, additive)
-            scores = score_vector(probs, state.mask)
-        decision = pruner.select(index, scores, state)
+            probs = softmax_attention(query, key, bias, parts.scale)
+            scores = score_vector(probs, state.mask, adapter.causal)
+        decision = self._select(pruner, index, scores, state)
         scored = scores is not None
 
         if decision.dtype != torch.bool:  # soft weights: full computation, output scaled
             if full_context is None:
-                full_context = self._context(probs, query, key, value, additive, dropout, training)
+                full_context = (
+                    self._weighted(probs, value, dropout, training)
+                    if probs is not None
+                    else self._attend(query, key, value, bias, parts, dropout)
+                )
             hidden = self._finish(parts, full_context, x, heads) * decision[..., None]
             trace = LayerTrace(
                 n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision, scores=scores, score_mask=state.mask
@@ -153,9 +170,11 @@ class PrunableEncoder:
         slots, new_mask = state.gather_index(decision)
         if full_context is not None:
             context = _rows(full_context, slots, dim=2)
-        else:
-            kept_probs = _rows(probs, slots, dim=2) if probs is not None else None
-            context = self._context(kept_probs, _rows(query, slots, dim=2), key, value, additive, dropout, training)
+        elif probs is not None:
+            context = self._weighted(_rows(probs, slots, dim=2), value, dropout, training)
+        else:  # chosen without scores: fused attention of the kept query rows only
+            kept_bias = _rows(bias, slots, dim=2) if bias.shape[2] > 1 else bias  # per-query bias rows
+            context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, parts, dropout)
         hidden = self._finish(parts, context, _rows(x, slots, dim=1), heads)
         n_out = new_mask.sum(dim=1)
         trace = LayerTrace(
@@ -163,22 +182,41 @@ class PrunableEncoder:
         )
         return state.select(slots, new_mask, hidden), trace
 
+    def _select(self, pruner: TokenPruner, index: int, scores: Tensor | None, state: TokenState) -> Tensor:
+        """The pruner's decision (B, n). Pruners keep slot 0; when the adapter protects each row's
+        newest token instead, the pruner sees the rows with that token moved to slot 0."""
+        if self.adapter.protected_token == "first":
+            return pruner.select(index, scores, state)
+        view, order = state.newest_first()
+        decision = pruner.select(index, scores.gather(1, order) if scores is not None else None, view)
+        return torch.empty_like(decision).scatter_(1, order, decision)
+
     @staticmethod
-    def _context(
-        probs: Tensor | None,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        additive: Tensor,
-        dropout: float,
-        training: bool,
-    ) -> Tensor:
-        """Attention context: from given probabilities, or fused attention of `query` over all keys."""
-        if probs is None:
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=additive, dropout_p=dropout)
+    def _attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, parts: LayerParts, dropout: float) -> Tensor:
+        """Fused attention context of `query` over all keys (bias: the additive term of these rows)."""
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=parts.scale)
+
+    @staticmethod
+    def _weighted(probs: Tensor, value: Tensor, dropout: float, training: bool) -> Tensor:
+        """Attention context from given probabilities (attention dropout applied to them)."""
         return torch.matmul(F.dropout(probs, p=dropout, training=training), value)
 
     def _finish(self, parts: LayerParts, context: Tensor, residual: Tensor, heads: Tensor | None) -> Tensor:
         """Output projection, residual + LayerNorm, then the FFN block, for the given rows."""
         projected = _out_project(parts.out_proj, context, heads, self.adapter.head_dim)
         return parts.feed_forward(parts.add_and_norm(projected, residual))
+
+
+def seq2seq_logits(
+    adapter: T5EncoderAdapter,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    decoder_input_ids: Tensor,
+    pruner: TokenPruner | None = None,
+    decoder_attention_mask: Tensor | None = None,
+) -> tuple[Tensor, EncoderOutput]:
+    """Encoder-decoder logits with elimination in the encoder only (ACC on Flan-T5): the engine
+    encodes (and eliminates), the HF decoder cross-attends to the kept encoder tokens."""
+    encoded = PrunableEncoder(adapter)(input_ids, attention_mask, pruner=pruner)
+    logits = adapter.decoder_logits(encoded.hidden, encoded.mask, decoder_input_ids, decoder_attention_mask)
+    return logits, encoded

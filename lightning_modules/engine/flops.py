@@ -2,10 +2,10 @@
 
 Per example and layer, with n_in real tokens entering, n_q query rows scored (n_in whenever
 attention probabilities are computed), n_out kept, h heads of width d_h, hidden d, FFN width
-d_ff, the multiply-accumulates are
+d_ff with f d x d_ff matrices (2; 3 for gated FFNs such as Flan-T5's), the multiply-accumulates are
 
     QKV 3*n_in*d*h*d_h + logits h*n_q*n_in*d_h + context h*n_out*n_in*d_h
-    + out-proj n_out*h*d_h*d + FFN 2*n_out*d*d_ff
+    + out-proj n_out*h*d_h*d + FFN f*n_out*d*d_ff
     (+ score vector h*n_q*n_in in layers that compute it: one MAC per attention probability)
 
 and FLOPs = 2 * MACs, on real (unpadded) lengths. Embeddings, pooler and classifier are not
@@ -34,11 +34,17 @@ class EncoderDims:
     hidden: int
     head_dim: int
     ffn: int
+    ffn_matrices: int = 2
 
     @classmethod
     def of(cls, adapter: EncoderAdapter) -> EncoderDims:
         return cls(
-            adapter.num_layers, adapter.num_heads, adapter.hidden_size, adapter.head_dim, adapter.intermediate_size
+            adapter.num_layers,
+            adapter.num_heads,
+            adapter.hidden_size,
+            adapter.head_dim,
+            adapter.intermediate_size,
+            adapter.ffn_matrices,
         )
 
 
@@ -54,7 +60,7 @@ def layer_macs(
         + n_query * n_in * (width + heads * scored)
         + n_out * n_in * width
         + n_out * width * dims.hidden
-        + 2 * n_out * dims.hidden * dims.ffn
+        + dims.ffn_matrices * n_out * dims.hidden * dims.ffn
     )
 
 

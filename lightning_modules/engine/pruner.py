@@ -15,6 +15,10 @@ class TokenPruner(nn.Module):
     `needs_scores`) and calls `select`, which returns either
       * a bool keep mask (B, n): the engine physically removes the other tokens, or
       * float soft weights (B, n) in [0, 1]: the layer output is multiplied by them (no removal).
+    Slot 0 of the state and scores a pruner gets holds the token it must keep (scoring.keep_top and
+    keep_above keep it): [CLS] for encoders; for adapters that protect the newest token (causal
+    decoders) the engine hands each row over with that token moved to slot 0 and maps the
+    decision back.
     """
 
     needs_scores: bool = True

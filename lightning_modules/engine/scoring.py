@@ -6,27 +6,31 @@ import torch
 from torch import Tensor
 
 
-def score_vector(probs: Tensor, mask: Tensor) -> Tensor:
+def score_vector(probs: Tensor, mask: Tensor, causal: bool = False) -> Tensor:
     """Attention received per token, averaged over heads (ACC's SV; PoWER-BERT significance / H).
 
     SV_j = (1/H) * sum_h sum_{i real} A[h, i, j] for real tokens j, 0 for padding. probs is
     (B, H, n, n) softmax attention over the current tokens, mask (B, n) marks real tokens; the
-    mean of SV over the real tokens of a row is 1.
+    mean of SV over the real tokens of a row is 1. causal (ACC eq. 8, decoders): SV_j is divided
+    by the number of real queries that can see token j, i.e. the real tokens at or after it
+    (the engine keeps tokens in their original order).
     """
     real = mask.to(probs.dtype)
     received = torch.matmul(real[:, None, None, :], probs).sum(dim=1).squeeze(1) / probs.shape[1]
+    if causal:
+        received = received / real.flip(1).cumsum(1).flip(1).clamp(min=1)
     return received * real
 
 
 def protect(scores: Tensor, mask: Tensor) -> Tensor:
-    """Scores where [CLS] (slot 0) ranks first and padding ranks last."""
+    """Scores where the protected token (slot 0: [CLS], see TokenPruner) ranks first and padding last."""
     ranked = scores.masked_fill(~mask, float("-inf"))
     ranked[:, 0] = torch.where(mask[:, 0], float("inf"), ranked[:, 0])
     return ranked
 
 
 def keep_top(scores: Tensor, mask: Tensor, counts: Tensor) -> Tensor:
-    """(B, n) bool mask keeping the `counts[b]` best-scored real tokens of row b ([CLS] always).
+    """(B, n) bool mask keeping the `counts[b]` best-scored real tokens of row b (slot 0 always).
 
     counts is clamped to [1, real length] so at least one token survives in every non-empty row.
     """
@@ -39,7 +43,7 @@ def keep_top(scores: Tensor, mask: Tensor, counts: Tensor) -> Tensor:
 
 
 def keep_above(scores: Tensor, mask: Tensor, threshold: Tensor | float) -> Tensor:
-    """(B, n) bool mask of real tokens whose score reaches `threshold`, [CLS] always kept."""
+    """(B, n) bool mask of real tokens whose score reaches `threshold`, slot 0 always kept."""
     keep = (scores >= threshold) & mask
     keep[:, 0] = mask[:, 0]
     return keep

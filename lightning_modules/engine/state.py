@@ -35,11 +35,21 @@ class TokenState:
         """Real tokens per example, (B,)."""
         return self.mask.sum(dim=1)
 
-    def additive_mask(self, dtype: torch.dtype) -> Tensor:
-        """(B, 1, 1, n) mask to add to attention logits: 0 for real keys, dtype-min for the rest."""
-        return torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill(
-            ~self.mask, torch.finfo(dtype).min
-        )[:, None, None, :]
+    def additive_mask(self, dtype: torch.dtype, causal: bool = False) -> Tensor:
+        """Mask to add to attention logits: 0 where a query may attend, dtype-min elsewhere.
+
+        (B, 1, 1, n): every query sees the real keys. causal: (B, 1, n, n), a query sees the real
+        keys whose ORIGINAL position is at most its own (kept tokens stay in order, so this is the
+        stock causal mask restricted to the tokens still alive).
+        """
+        if not causal:
+            return torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill(
+                ~self.mask, torch.finfo(dtype).min
+            )[:, None, None, :]
+        visible = self.mask[:, None, :] & (self.positions[:, None, :] <= self.positions[:, :, None])
+        return torch.zeros(visible.shape, dtype=dtype, device=self.mask.device).masked_fill(
+            ~visible, torch.finfo(dtype).min
+        )[:, None]
 
     def gather_index(self, keep: Tensor) -> tuple[Tensor, Tensor]:
         """Turn a (B, n) keep mask into slot indices (B, m) and the new mask (B, m).
@@ -59,6 +69,21 @@ class TokenState:
     def with_hidden(self, hidden: Tensor) -> TokenState:
         """Same tokens, new hidden states."""
         return TokenState(hidden, self.mask, self.positions, self.input_lengths)
+
+    def newest_first(self) -> tuple[TokenState, Tensor]:
+        """This state with each row's newest (last real) token moved to slot 0, the other tokens
+        in their order, and the slot order used, (B, n): the view a pruner gets when the adapter
+        protects the newest token (pruners protect slot 0, TokenPruner's contract)."""
+        slots = torch.arange(self.mask.shape[1], device=self.mask.device).expand_as(self.mask)
+        newest = torch.where(self.mask, slots, 0).amax(dim=1, keepdim=True)
+        order = torch.where(slots == 0, newest, torch.where(slots <= newest, slots - 1, slots))
+        view = TokenState(
+            self.hidden.gather(1, order[..., None].expand_as(self.hidden)),
+            self.mask.gather(1, order),
+            self.positions.gather(1, order),
+            self.input_lengths,
+        )
+        return view, order
 
 
 @dataclass
