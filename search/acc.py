@@ -7,7 +7,9 @@
   few calibration SCs on this device, interpolated, and the interpolated SC measured again.
 * ACCOfflineTuning (`search=acc_offline`): one trained model evaluated over a grid of SC values
   (and, for the Table VII ablation, elimination orders) without training: val and report
-  accuracy, FLOPs ratio, expected and measured speedup; CSV and the paper's Figure 6 as PNG.
+  score (the task's main metric: accuracy, or perplexity for causal LM), FLOPs ratio, expected
+  and measured speedup, and which rows are on the val split's score-vs-FLOPs front (by the
+  task's main_mode); CSV and the paper's Figure 6 as PNG.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tokenprune.checks import check_choice, check_range
 from tokenprune.engine.flops import EncoderDims, layer_macs, unpruned_macs
 from tokenprune.pruners.acc import ORDERS, ACCPruner, coefficient_for_speedup, expected_speedup
 from tokenprune.search.context import SearchContext
+from tokenprune.search.pareto import on_front
 
 OBJECTIVES = ("flops", "latency")
 
@@ -140,8 +143,13 @@ class ACCOfflineTuning:
                     "report_score": report["score"],
                     "report_flops_ratio": report["flops_ratio"],
                     "expected_speedup": expected_speedup(candidate.rates),
+                    "metric": context.main_metric,
+                    "main_mode": context.main_mode,
                 }
             )
+        table = pd.DataFrame(rows)
+        for row, member in zip(rows, on_front(table, "score", "flops_ratio", context.main_mode), strict=True):
+            row["val_front"] = bool(member)
         if self.measure:
             assert context.measure is not None, "the app measures latency"
             for row, speedup in zip(rows, context.measure(configs), strict=True):
@@ -150,7 +158,7 @@ class ACCOfflineTuning:
         return rows
 
     def write_outputs(self, out: Path, candidates: pd.DataFrame) -> Path:
-        """offline_tuning.csv and the paper's Figure 6 (accuracy and speedup against SC)."""
+        """offline_tuning.csv and the paper's Figure 6 (the task's score and speedup against SC)."""
         table = candidates.drop(columns=["pruner"], errors="ignore")
         table.to_csv(out / "offline_tuning.csv", index=False)
         figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -162,7 +170,7 @@ class ACCOfflineTuning:
             if "measured_speedup" in group:
                 right.plot(group.speedup_coefficient, group.measured_speedup, marker="^", label=f"measured, {order}")
         left.set_xlabel("speedup coefficient")
-        left.set_ylabel("accuracy")
+        left.set_ylabel(str(table.metric.iloc[0]))
         right.set_xlabel("speedup coefficient")
         right.set_ylabel("speedup over the unpruned model")
         for axes in (left, right):

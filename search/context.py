@@ -21,7 +21,9 @@ class SearchContext:
     checkpoint's length pruner (how a gene applies to an example), a cached scorer
     `score(key, pruner_config, split="val") -> record`, the checkpoint's own pruner, and
     `measure(pruner_configs) -> speedups`: wall-clock speedup of each configuration over the
-    stock HF model on the report split at real lengths (interleaved timing, this device)."""
+    stock HF model on the report split at real lengths (interleaved timing, this device).
+    `main_metric` / `main_mode` name the task's score and whether higher (`max`) or lower (`min`,
+    e.g. perplexity) is better."""
 
     dims: EncoderDims
     template: LengthConfigPruner
@@ -29,6 +31,8 @@ class SearchContext:
     score: Callable[..., dict[str, Any]]
     checkpoint_pruner: TokenPruner | None = None
     measure: Callable[[list[dict[str, Any]]], list[float]] | None = None
+    main_metric: str = "accuracy"
+    main_mode: str = "max"
     history: list[dict[str, float]] = field(default_factory=list)
     _flops: dict[Gene, float] = field(default_factory=dict)
 

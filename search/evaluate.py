@@ -28,6 +28,7 @@ def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128) -> Ta
         label_column=task.get("label_column", "label"),
         token_level=task.get("token_level", False),
         num_labels=task["num_labels"],
+        kind=task.get("kind", "classification"),
     )
     datamodule.setup()
     return datamodule
@@ -44,7 +45,7 @@ def evaluate(
     for batch in tqdm(loader, desc=desc, leave=False):
         batch = {k: v.to(module.device) for k, v in batch.items()}
         logits, out = module(batch, pruner=pruner)
-        module.update_metrics(metrics, logits, batch["labels"])
+        module.update_metrics(metrics, logits, module.targets(batch, out))
         stats.update(out.trace, batch["attention_mask"].sum(dim=1))
     result = {k.removeprefix("report/"): float(v) for k, v in metrics.compute().items()}
     result.update({k: float(v) for k, v in stats.compute().items()})

@@ -118,13 +118,13 @@ class EvolutionarySearch:
                 evaluated[gene] = context.evaluate(gene, "initial")
         for iteration in range(self.iterations):
             table = pd.DataFrame([r for g, r in evaluated.items() if self.within_bounds(g, context)])
-            front = [tuple(g) for g in pareto_front(table, "score", "flops_ratio")["gene"]]
+            front = [tuple(g) for g in pareto_front(table, "score", "flops_ratio", context.main_mode)["gene"]]
             context.history.append(
                 {
                     "iteration": iteration,
                     "evaluated": len(evaluated),
                     "front_size": len(front),
-                    "hypervolume": hypervolume(table, "score", "flops_ratio"),
+                    "hypervolume": hypervolume(table, "score", "flops_ratio", mode=context.main_mode),
                 }
             )
             children: list[tuple[Gene, str, tuple[Gene, ...]]] = []
@@ -149,8 +149,8 @@ class EvolutionarySearch:
             {
                 "iteration": self.iterations,
                 "evaluated": len(evaluated),
-                "front_size": len(pareto_front(table, "score", "flops_ratio")),
-                "hypervolume": hypervolume(table, "score", "flops_ratio"),
+                "front_size": len(pareto_front(table, "score", "flops_ratio", context.main_mode)),
+                "hypervolume": hypervolume(table, "score", "flops_ratio", mode=context.main_mode),
             }
         )
         return list(evaluated.values())

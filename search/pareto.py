@@ -1,4 +1,8 @@
-"""Accuracy-vs-FLOPs fronts: non-dominated sorting and hypervolume from pymoo, and the plot."""
+"""Score-vs-FLOPs fronts: non-dominated sorting and hypervolume from pymoo, and the plot.
+
+`mode` is the task's `main_mode`: `max` (accuracy, F1: higher is better) or `min` (perplexity:
+lower is better); FLOPs are always minimised.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +17,50 @@ import pandas as pd
 from pymoo.indicators.hv import HV
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+from tokenprune.checks import check_choice
 
-def _objectives(table: pd.DataFrame, score: str, flops: str) -> np.ndarray:
-    """Both minimised: relative FLOPs and negative score."""
-    return np.column_stack([table[flops].to_numpy(float), -table[score].to_numpy(float)])
+MODES = ("max", "min")
 
 
-def pareto_front(table: pd.DataFrame, score: str, flops: str) -> pd.DataFrame:
-    """The non-dominated rows (higher score, lower FLOPs), sorted by FLOPs."""
+def _objectives(table: pd.DataFrame, score: str, flops: str, mode: str) -> np.ndarray:
+    """Both minimised: relative FLOPs and the score (negated when higher is better)."""
+    check_choice("task.main_mode", mode, MODES)
+    sign = -1.0 if mode == "max" else 1.0
+    return np.column_stack([table[flops].to_numpy(float), sign * table[score].to_numpy(float)])
+
+
+def on_front(table: pd.DataFrame, score: str, flops: str, mode: str = "max") -> np.ndarray:
+    """A bool per row: not dominated (no other row has a better-or-equal score at lower-or-equal FLOPs)."""
+    member = np.zeros(len(table), dtype=bool)
+    if not table.empty:
+        member[NonDominatedSorting().do(_objectives(table, score, flops, mode), only_non_dominated_front=True)] = True
+    return member
+
+
+def pareto_front(table: pd.DataFrame, score: str, flops: str, mode: str = "max") -> pd.DataFrame:
+    """The non-dominated rows (better score by `mode`, lower FLOPs), sorted by FLOPs."""
     if table.empty:
         return table
-    front = NonDominatedSorting().do(_objectives(table, score, flops), only_non_dominated_front=True)
-    return table.iloc[np.sort(front)].sort_values(flops).reset_index(drop=True)
+    return table[on_front(table, score, flops, mode)].sort_values(flops).reset_index(drop=True)
 
 
-def hypervolume(table: pd.DataFrame, score: str, flops: str, reference: tuple[float, float] = (1.1, 0.0)) -> float:
-    """Area dominated by the points, bounded by FLOPs ratio <= reference[0], score >= reference[1]."""
+def hypervolume(
+    table: pd.DataFrame,
+    score: str,
+    flops: str,
+    reference: tuple[float, float | None] = (1.1, None),
+    mode: str = "max",
+) -> float:
+    """Area dominated by the points, bounded by FLOPs ratio <= reference[0] and the score
+    reference[1]: by default 0 for `max` (scores in [0, 1]), and for `min` (unbounded scores such
+    as perplexity) the worst score in `table`, so `min` volumes compare within one table only."""
     if table.empty:
         return 0.0
-    return float(HV(ref_point=np.array([reference[0], -reference[1]]))(_objectives(table, score, flops)))
+    worst = reference[1]
+    if worst is None:
+        worst = 0.0 if mode == "max" else float(table[score].max())
+    sign = -1.0 if mode == "max" else 1.0
+    return float(HV(ref_point=np.array([reference[0], sign * worst]))(_objectives(table, score, flops, mode)))
 
 
 def plot_fronts(

@@ -89,6 +89,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         data = datamodule_for(module, cfg.eval_batch_size)
         store = CandidateStore(cache_path(cfg))
         main = module.hparams["task"]["main_metric"]
+        mode = module.hparams["task"].get("main_mode", "max")
 
         def score(key: str, pruner_cfg: dict[str, Any], split: str = "val") -> dict[str, Any]:
             identity = cache_key(split, pruner_cfg)
@@ -116,9 +117,9 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             with torch.inference_mode():
                 return measured_speedups(module, pruners, batches, int(cfg.measure.warmup), int(cfg.measure.repeats))
 
-        context = SearchContext(module.dims, template, data.lengths["val"], score, module.pruner, measure)
+        context = SearchContext(module.dims, template, data.lengths["val"], score, module.pruner, measure, main, mode)
         candidates = pd.DataFrame(strategy.run(context))
-        front = pareto_front(candidates, "score", "flops_ratio")
+        front = pareto_front(candidates, "score", "flops_ratio", mode)
         reported = pd.DataFrame(
             [score(row.candidate, row.pruner, split="report") | extra_columns(row) for row in front.itertuples()]
         )
@@ -134,10 +135,11 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             "cache_hits": store.hits,
             "cache_size": len(store.records),
             "cache": str(store.path),
-            "val_hypervolume": hypervolume(candidates, "score", "flops_ratio"),
+            "val_hypervolume": hypervolume(candidates, "score", "flops_ratio", mode=mode),
             "report_unpruned_score": unpruned["score"],
             "report_unpruned_gflops": unpruned["gflops"],
             "main_metric": main,
+            "main_mode": mode,
         }
         write_outputs(cfg, candidates, reported, curves, context.history, summary, strategy)
         return {"candidates": candidates, "front": reported, "curves": curves, "history": context.history, **summary}

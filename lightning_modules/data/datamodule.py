@@ -1,18 +1,28 @@
-"""LightningDataModule for sequence classification/regression tasks with dynamic padding."""
+"""LightningDataModule for sequence classification/regression tasks with dynamic padding, and for
+causal language modelling on packed fixed-length blocks."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import lightning as L
+import numpy as np
 from datasets import Dataset, DatasetDict
 from torch.utils.data import BatchSampler, DataLoader
-from transformers import AutoTokenizer, DataCollatorForTokenClassification, DataCollatorWithPadding
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    default_data_collator,
+)
 
+from tokenprune.checks import check_choice
 from tokenprune.data.sampler import BucketShuffleSampler
 from tokenprune.data.sources import SPLITS
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+# task.kind: `classification` (sequence or, with token_level, token labels) or `causal_lm`.
+TASK_KINDS = ("classification", "causal_lm")
 
 
 def first_subword_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:
@@ -31,6 +41,9 @@ class TaskDataModule(L.LightningDataModule):
     Validation runs on `val`, Lightning's test loop on `report`. Training batches are length-bucketed and
     shuffled per epoch from `seed`; evaluation batches are sorted by length. Both keep padding,
     and with it wasted work, small (per-example pruning keeps its speedup).
+
+    `kind=causal_lm`: each split's texts are packed into blocks of `max_length` tokens without
+    padding (`pack_blocks`), labels = input ids (the module shifts them).
     """
 
     def __init__(
@@ -46,8 +59,10 @@ class TaskDataModule(L.LightningDataModule):
         seed: int = 0,
         token_level: bool = False,
         num_labels: int | None = None,
+        kind: str = "classification",
     ) -> None:
         super().__init__()
+        check_choice("task.kind", kind, TASK_KINDS)
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
         if not 1 <= len(text_columns) <= 2:
@@ -65,10 +80,18 @@ class TaskDataModule(L.LightningDataModule):
         self.num_labels = num_labels
         if token_level and len(self.text_columns) != 1:
             raise ValueError(f"token-level task.text_columns={self.text_columns} must name one column of word lists")
+        self.kind = kind
+        if kind == "causal_lm" and (token_level or len(self.text_columns) != 1):
+            raise ValueError(
+                f"task.kind=causal_lm needs one text column and no token_level; got "
+                f"task.text_columns={self.text_columns}, task.token_level={token_level}"
+            )
         self.splits: DatasetDict | None = None
         self.lengths: dict[str, list[int]] = {}
-        self.collate = (
-            DataCollatorForTokenClassification(self.tokenizer)
+        self.collate: Callable = (
+            default_data_collator
+            if kind == "causal_lm"
+            else DataCollatorForTokenClassification(self.tokenizer)
             if token_level
             else DataCollatorWithPadding(self.tokenizer)
         )
@@ -80,6 +103,9 @@ class TaskDataModule(L.LightningDataModule):
         missing = [name for name in SPLITS if name not in raw]
         if missing:
             raise ValueError(f"task source returned splits {list(raw)}; missing {missing}")
+        if self.kind == "causal_lm":
+            self.splits = DatasetDict({name: self._pack(raw[name], name) for name in SPLITS})
+            return
         for name in SPLITS:
             self._check_labels(raw[name], name)
         self.splits = DatasetDict({name: self._tokenize(raw[name], name) for name in SPLITS})
@@ -121,6 +147,33 @@ class TaskDataModule(L.LightningDataModule):
         self.lengths[name] = list(encoded["length"])
         encoded.set_format("torch", columns=[name for name in MODEL_INPUTS if name in encoded.column_names])
         return encoded
+
+    def _pack(self, split: Dataset, name: str) -> Dataset:
+        """Causal-LM blocks (the GPT-2 recipe: stride = block length): every text tokenized
+        without special tokens and followed by the tokenizer's end-of-text token (eos, else sep),
+        all concatenated in split order and cut into blocks of `max_length` tokens; the short tail
+        is dropped, so no block has padding. labels = input_ids."""
+        separator = self.tokenizer.eos_token_id
+        if separator is None:
+            separator = self.tokenizer.sep_token_id
+        if separator is None:
+            raise ValueError(
+                f"backbone.tokenizer ({type(self.tokenizer).__name__}) has neither an eos nor a sep token "
+                "to end each text of a task.kind=causal_lm task"
+            )
+        texts = [text or "" for text in split[self.text_columns[0]]]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        stream = np.fromiter((t for ids in encoded for t in (*ids, separator)), dtype=np.int64)
+        blocks = len(stream) // self.max_length
+        if blocks == 0:
+            raise ValueError(
+                f"the {name} split has {len(stream)} tokens, fewer than one block of task.max_length={self.max_length}"
+            )
+        ids = stream[: blocks * self.max_length].reshape(blocks, self.max_length)
+        packed = Dataset.from_dict({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids})
+        self.lengths[name] = [self.max_length] * blocks
+        packed.set_format("torch")
+        return packed
 
     def _eval_loader(self, split: str) -> DataLoader:
         assert self.splits is not None, "call setup() first"

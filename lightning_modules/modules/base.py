@@ -1,13 +1,22 @@
 """What every method's LightningModule shares: backbone + engine + pruner, task loss, evaluation
-with FLOPs and kept-token statistics, the optimizer and schedule from `_partial_` configs."""
+with FLOPs and kept-token statistics, the optimizer and schedule from `_partial_` configs.
+
+Task kinds (`task.kind`): `classification` (sequence or token labels) and `causal_lm`: next-token
+cross entropy over the LM head's logits (GPT-2, `backbone.head=causal_lm`) and perplexity. With
+`lm_restore` (default) the LM head reads Drop-and-Restore hidden states: every position is scored,
+an eliminated position by the hidden state it had when it was eliminated (ACC's paper does not
+say how its perplexity treats eliminated positions). Without, only the positions that survive to
+the last layer are scored (each predicting the token after it).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
@@ -16,8 +25,9 @@ from torchmetrics import MetricCollection
 
 from tokenprune.backbones import assert_same_backbone, load_backbone
 from tokenprune.checkpoints import read_checkpoint
-from tokenprune.checks import check_optimizer
+from tokenprune.checks import check_choice, check_optimizer
 from tokenprune.config import plain
+from tokenprune.data.datamodule import TASK_KINDS
 from tokenprune.engine import EncoderOutput, PrunableEncoder
 from tokenprune.engine.flops import EncoderDims
 from tokenprune.engine.pruner import TokenPruner
@@ -32,7 +42,10 @@ class TokenPruningModule(L.LightningModule):
     and scheduler `_partial_` nodes (lightning-hydra-template style); all are stored as plain-data
     hyperparameters so `load_from_checkpoint` rebuilds the same model. The HF model is
     `self.model` (state_dict keys `model.<HF keys>`), the pruner `self.pruner` (None = unpruned).
+    `task_kinds`: the `task.kind`s a method supports; `lm_restore`: see the module doc.
     """
+
+    task_kinds: tuple[str, ...] = TASK_KINDS
 
     def __init__(
         self,
@@ -43,11 +56,15 @@ class TokenPruningModule(L.LightningModule):
         scheduler: Mapping[str, Any],
         compare_unpruned: bool = True,
         init_from: str | None = None,
+        lm_restore: bool = True,
     ) -> None:
         super().__init__()
         backbone, task, pruner = plain(backbone), plain(task), plain(pruner)
         optimizer, scheduler = plain(optimizer), plain(scheduler)
         check_optimizer(optimizer, scheduler)
+        self.causal_lm = check_task_kind(type(self), task, backbone)
+        if not isinstance(lm_restore, bool):
+            raise TypeError(f"module.lm_restore={lm_restore!r} must be true or false")
         if init_from is not None and not Path(init_from).is_file():
             raise FileNotFoundError(f"module.init_from={init_from} does not exist")
         self.save_hyperparameters(
@@ -59,6 +76,7 @@ class TokenPruningModule(L.LightningModule):
                 "scheduler": scheduler,
                 "compare_unpruned": compare_unpruned,
                 "init_from": init_from,
+                "lm_restore": lm_restore,
             }
         )
         self.model, self.adapter = load_backbone(
@@ -67,8 +85,13 @@ class TokenPruningModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.encoder = PrunableEncoder(self.adapter)
         self.dims = EncoderDims.of(self.adapter)
+        self.lm_logits: Callable[[Tensor], Tensor] | None = (
+            getattr(self.adapter, "lm_logits", None) if self.causal_lm else None
+        )
+        if self.causal_lm and self.lm_logits is None:
+            raise ValueError(f"task.kind=causal_lm: backbone.adapter {type(self.adapter).__name__} has no LM head")
         self.pruner = self.build_pruner(pruner)
-        self.regression = task["num_labels"] == 1
+        self.regression = not self.causal_lm and task["num_labels"] == 1
         self.token_level = bool(task.get("token_level", False))
         metrics = MetricCollection({name: instantiate(spec) for name, spec in task["metrics"].items()})
         self.val_metrics = metrics.clone(prefix="val/")
@@ -103,17 +126,32 @@ class TokenPruningModule(L.LightningModule):
         """Logits and the engine output for a tokenized batch, pruned by `pruner`.
 
         Token-level tasks get Drop-and-Restore: full-length outputs, one logit row per input token.
+        Causal LM: next-token logits at every position (`lm_restore`) or at the surviving ones
+        (`out.positions`); `targets` gives the labels aligned with them.
         """
         out = self.encoder(
             batch["input_ids"],
             batch["attention_mask"],
             batch.get("token_type_ids"),
             pruner=pruner,
-            restore=self.token_level,
+            restore=self.token_level or (self.causal_lm and self.hparams["lm_restore"]),
             **engine,
         )
+        if self.lm_logits is not None:
+            return self.lm_logits(out.hidden), out
         head = self.adapter.token_logits if self.token_level else self.adapter.classify
         return head(out.hidden), out
+
+    def targets(self, batch: Mapping[str, Tensor], out: EncoderOutput) -> Tensor:
+        """Labels aligned with `forward`'s logits: the batch's labels, or for causal LM the label
+        of the position after each output slot (-100, ignored: after the last position, before
+        padding, on padded or eliminated slots)."""
+        labels = batch["labels"]
+        if not self.causal_lm:
+            return labels
+        ignored = labels.new_full((labels.shape[0], 1), -100)
+        following = torch.cat([labels[:, 1:].masked_fill(~batch["attention_mask"][:, 1:].bool(), -100), ignored], 1)
+        return following.gather(1, out.positions).masked_fill(~out.mask, -100)
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.regression:
@@ -121,7 +159,11 @@ class TokenPruningModule(L.LightningModule):
         return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
 
     def update_metrics(self, metrics: MetricCollection, logits: Tensor, labels: Tensor) -> None:
-        """Task metrics on predictions; token-level tasks skip sub-word/special positions (-100)."""
+        """Task metrics on predictions; token-level tasks skip sub-word/special positions (-100);
+        causal LM: the logits themselves (perplexity, in float32), ignoring -100."""
+        if self.causal_lm:
+            metrics.update(logits.float(), labels)
+            return
         if self.regression:
             metrics.update(logits.squeeze(-1), labels)
             return
@@ -134,9 +176,10 @@ class TokenPruningModule(L.LightningModule):
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self, batch: Mapping[str, Tensor], metrics: MetricCollection, stats: PruningStats) -> Tensor:
         logits, out = self(batch, pruner=self.pruner)
-        self.update_metrics(metrics, logits, batch["labels"])
+        labels = self.targets(batch, out)
+        self.update_metrics(metrics, logits, labels)
         stats.update(out.trace, batch["attention_mask"].sum(dim=1))
-        return self.task_loss(logits, batch["labels"])
+        return self.task_loss(logits, labels)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         loss = self._evaluate(batch, self.val_metrics, self.val_stats)
@@ -147,8 +190,8 @@ class TokenPruningModule(L.LightningModule):
         loss = self._evaluate(batch, self.report_metrics, self.report_stats)
         self.log("report/loss", loss, batch_size=batch["labels"].shape[0])
         if self.pruner is not None and self.hparams["compare_unpruned"]:
-            logits, _ = self(batch)
-            self.update_metrics(self.report_unpruned_metrics, logits, batch["labels"])
+            logits, out = self(batch)
+            self.update_metrics(self.report_unpruned_metrics, logits, self.targets(batch, out))
 
     def _log_epoch(self, stage: str, metrics: MetricCollection, stats: PruningStats, *extra: MetricCollection) -> None:
         values = {**metrics.compute(), **{f"{stage}/{k}": v for k, v in stats.compute().items()}}
@@ -192,3 +235,19 @@ class TokenPruningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         assert_same_backbone(checkpoint.get("hyper_parameters", {}), self.hparams["backbone"])
+
+
+def check_task_kind(module: type[TokenPruningModule], task: Mapping[str, Any], backbone: Mapping[str, Any]) -> bool:
+    """`task.kind` is one the method supports and matches `backbone.head`; True for causal LM."""
+    kind = task.get("kind", "classification")
+    check_choice("task.kind", kind, TASK_KINDS)
+    if kind not in module.task_kinds:
+        raise ValueError(
+            f"task.kind={kind} is not supported by {module.__name__} (it supports: {', '.join(module.task_kinds)})"
+        )
+    head = backbone.get("head", "classification")
+    if head != kind:
+        raise ValueError(
+            f"task.kind={kind} needs a backbone with head {kind}; backbone={backbone.get('name')} has head {head}"
+        )
+    return kind == "causal_lm"

@@ -27,12 +27,13 @@ class FineTuneModule(TokenPruningModule):
         compare_unpruned: bool = True,
         train_pruned: bool = False,
         init_from: str | None = None,
+        lm_restore: bool = True,
     ) -> None:
-        super().__init__(backbone, task, pruner, optimizer, scheduler, compare_unpruned, init_from)
+        super().__init__(backbone, task, pruner, optimizer, scheduler, compare_unpruned, init_from, lm_restore)
         self.save_hyperparameters({"train_pruned": train_pruned})
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        logits, _ = self(batch, pruner=self.pruner if self.hparams["train_pruned"] else None)
-        loss = self.task_loss(logits, batch["labels"])
+        logits, out = self(batch, pruner=self.pruner if self.hparams["train_pruned"] else None)
+        loss = self.task_loss(logits, self.targets(batch, out))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss

@@ -49,6 +49,8 @@ def distillation_loss(student: Tensor, teacher: Tensor, direction: str, regressi
 class LengthAdaptiveModule(TokenPruningModule):
     """LengthDrop + LayerDrop sandwich training; the length configuration is searched afterwards."""
 
+    task_kinds = ("classification",)
+
     def __init__(
         self,
         backbone: Mapping[str, Any],

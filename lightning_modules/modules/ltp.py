@@ -26,6 +26,8 @@ STAGES = ("finetune", "soft", "hard")
 class LTPModule(TokenPruningModule):
     """Two-stage LTP training on the shared engine."""
 
+    task_kinds = ("classification",)
+
     def __init__(
         self,
         backbone: Mapping[str, Any],
