@@ -36,7 +36,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if header != b"PK" and header[:1] != b"\x80":  # torch.save writes a zip archive (or, legacy, a pickle)
         raise ValueError(f"{path} is not a checkpoint file (no torch.save header)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # zip archives are memory-mapped: checks that only need the settings do not read the weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=header == b"PK")
     except pickle.UnpicklingError as error:
         message = str(error)
         if "Weights only load failed" in message:

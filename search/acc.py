@@ -85,9 +85,9 @@ class ACCSpeedup:
             measured = context.measure([pruner.settings(speedup_coefficient=sc) for sc in self.calibration])
             # measured speedup falls as SC rises: interpolate SC over the (increasing) reversed pairs
             coefficient = float(np.interp(self.target, measured[::-1], self.calibration[::-1]))
-        config = pruner.settings(speedup_coefficient=coefficient)
+        candidate = pruner.with_settings(speedup_coefficient=coefficient)
+        config = candidate.settings()
         record = context.score(f"speedup_coefficient={coefficient:.4f}", config)
-        candidate = ACCPruner(context.dims.num_layers, **{k: v for k, v in config.items() if k != "_target_"})
         result = record | {
             "speedup_coefficient": coefficient,
             "target_speedup": self.target,
@@ -128,13 +128,15 @@ class ACCOfflineTuning:
 
     def run(self, context: SearchContext) -> list[dict[str, Any]]:
         pruner = checkpoint_acc_pruner(context)
-        configs = [pruner.settings(speedup_coefficient=sc, order=order) for order in self.orders for sc in self.values]
+        candidates = [
+            pruner.with_settings(speedup_coefficient=sc, order=order) for order in self.orders for sc in self.values
+        ]
+        configs = [candidate.settings() for candidate in candidates]
         rows = []
-        for config in configs:
+        for candidate, config in zip(candidates, configs, strict=True):
             key = f"order={config['order']} speedup_coefficient={config['speedup_coefficient']}"
             val = context.score(key, config)
             report = context.score(key, config, split="report")
-            candidate = ACCPruner(context.dims.num_layers, **{k: v for k, v in config.items() if k != "_target_"})
             rows.append(
                 val
                 | {

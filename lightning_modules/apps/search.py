@@ -3,7 +3,7 @@
     tokenprune-search checkpoint=outputs/train/.../checkpoints/last.ckpt search=keep_ratio_grid
     tokenprune-search checkpoint=... search=threshold_grid 'search.values=[0.005,0.01,0.02]'
 
-Candidates are scored on the task's `search` split with physically pruned forwards; the Pareto
+Candidates are scored on the task's `val` split with physically pruned forwards; the Pareto
 front is then evaluated on the `report` split. Every evaluation is cached on disk under
 `<outputs>/search/<run_name>/cache-<digest>.jsonl` (digest of the checkpoint file), keyed by split
 and pruner configuration: rerunning a killed search resumes without re-evaluating anything, and a
@@ -13,6 +13,7 @@ configuration already scored.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from tokenprune.apps.settings import (
     SEARCH,
@@ -110,12 +112,18 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             )
         )
 
-        def measure(pruner_cfgs: list[dict[str, Any]]) -> list[float]:
+        @functools.cache
+        def timing_batches() -> list[dict[str, Tensor]]:
+            """The report split in batches of measure.batch_size, tokenized once per search."""
             loader = datamodule_for(module, int(cfg.measure.batch_size)).test_dataloader()
-            batches = [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
+            return [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
+
+        def measure(pruner_cfgs: list[dict[str, Any]]) -> list[float]:
             pruners = [module.build_pruner(c) for c in pruner_cfgs]
             with torch.inference_mode():
-                return measured_speedups(module, pruners, batches, int(cfg.measure.warmup), int(cfg.measure.repeats))
+                return measured_speedups(
+                    module, pruners, timing_batches(), int(cfg.measure.warmup), int(cfg.measure.repeats)
+                )
 
         context = SearchContext(module.dims, template, data.lengths["val"], score, module.pruner, measure, main, mode)
         candidates = pd.DataFrame(strategy.run(context))

@@ -142,6 +142,11 @@ class ACCPruner(TokenPruner):
             "profile_rule": self.profile_rule,
         } | changes
 
+    def with_settings(self, **changes: Any) -> ACCPruner:
+        """The same pruner with some settings changed (another SC or order: offline tuning)."""
+        settings = {k: v for k, v in self.settings(**changes).items() if k != "_target_"}
+        return type(self)(self.num_layers, **settings)
+
     @property
     def rates(self) -> list[float]:
         return keep_rates(self.profile, self.speedup_coefficient)
