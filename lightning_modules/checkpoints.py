@@ -9,6 +9,7 @@ it, since instantiating an arbitrary target is as dangerous as unpickling.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 from collections.abc import Iterator, Mapping
@@ -111,3 +112,12 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
         }
     checkpoint["hyper_parameters"] = hparams
     return checkpoint
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (what cached artifacts beside a checkpoint key on)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -3,10 +3,12 @@ same batch for every variant, one process, fixed threads."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -37,6 +39,20 @@ def packed_batch(
     sep = torch.full((batch_size, 1), tokenizer.sep_token_id)
     input_ids = torch.cat([cls, rows, sep], dim=1)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def device_name(device: torch.device) -> str:
+    """What timings were measured on: the GPU's name, or the CPU model and torch's thread count."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    return f"cpu:{model}:{torch.get_num_threads()} threads"
 
 
 def _sync(device: torch.device) -> None:

@@ -29,7 +29,7 @@ import torch
 from tokenprune.checks import check_choice, check_range
 from tokenprune.engine.flops import EncoderDims, layer_macs, unpruned_macs
 from tokenprune.pruners.acc import ORDERS, ACCPruner, coefficient_for_speedup, expected_speedup
-from tokenprune.search.context import SearchContext
+from tokenprune.search.context import SearchContext, SearchStrategy
 from tokenprune.search.pareto import on_front
 
 OBJECTIVES = ("flops", "latency")
@@ -55,10 +55,8 @@ def checkpoint_acc_pruner(context: SearchContext) -> ACCPruner:
     return context.checkpoint_pruner
 
 
-class ACCSpeedup:
+class ACCSpeedup(SearchStrategy):
     """The Speedup Coefficient that gives `target_speedup` (expected, or measured on this device)."""
-
-    requires_length_adaptive = False
 
     def __init__(
         self,
@@ -107,10 +105,8 @@ class ACCSpeedup:
         return [result]
 
 
-class ACCOfflineTuning:
+class ACCOfflineTuning(SearchStrategy):
     """One trained ACC model over a grid of Speedup Coefficients (and elimination orders)."""
-
-    requires_length_adaptive = False
 
     def __init__(
         self,

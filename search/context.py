@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from tokenprune.engine.flops import EncoderDims, layer_macs, unpruned_macs
 from tokenprune.engine.pruner import TokenPruner
+from tokenprune.modules.base import TokenPruningModule
 from tokenprune.pruners.length import Gene, LengthConfigPruner, smallest_gene
+from tokenprune.pruners.token_head import HeadGene, TokenHeadPruner
 
-PRUNER_TARGET = "tokenprune.pruners.length.LengthConfigPruner"
+JointGene = tuple[Gene, HeadGene]  # Token+Head Adaptive: (lengths, heads pruned per layer)
+
+
+class SearchStrategy(ABC):
+    """A `conf/search/*.yaml` strategy. `required_module`: the module class a checkpoint must have
+    been trained by (None: any); `efficiency`: the record column the front minimises;
+    `pruner_group`: the `conf/pruner` group its candidates' configs belong to (bench commands)."""
+
+    required_module: type[TokenPruningModule] | None = None
+    efficiency: str = "flops_ratio"
+    pruner_group: str | None = None
+
+    @abstractmethod
+    def run(self, context: SearchContext) -> list[dict[str, Any]]:
+        """Evaluate candidates through `context`; one record per candidate."""
+
+    def write_outputs(self, out: Path, candidates: pd.DataFrame) -> Path | None:
+        """The strategy's own table and figure in the run folder, if it has any (the figure's path)."""
+        return None
 
 
 @dataclass
@@ -21,7 +44,9 @@ class SearchContext:
     checkpoint's length pruner (how a gene applies to an example), a cached scorer
     `score(key, pruner_config, split="val") -> record`, the checkpoint's own pruner, and
     `measure(pruner_configs) -> speedups`: wall-clock speedup of each configuration over the
-    stock HF model on the report split at real lengths (interleaved timing, this device).
+    stock HF model on the report split at real lengths (interleaved timing, this device), and
+    `latency(pruner_config) -> ratio`: its wall time over the stock model's on a fixed sample of
+    the val split, cached per device (searches whose objective is latency).
     `main_metric` / `main_mode` name the task's score and whether higher (`max`) or lower (`min`,
     e.g. perplexity) is better."""
 
@@ -33,8 +58,9 @@ class SearchContext:
     measure: Callable[[list[dict[str, Any]]], list[float]] | None = None
     main_metric: str = "accuracy"
     main_mode: str = "max"
+    latency: Callable[[dict[str, Any]], float] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    _flops: dict[Gene, float] = field(default_factory=dict)
+    _flops: dict[Gene | JointGene, float] = field(default_factory=dict)
 
     @property
     def max_gene_length(self) -> int:
@@ -43,43 +69,64 @@ class SearchContext:
         reference = self.template.reference_length
         return min(reference, max(self.lengths)) if self.template.length_unit == "tokens" else reference
 
-    def gene_flops(self, gene: Gene) -> float:
+    def pruner_for(self, gene: Gene | JointGene) -> LengthConfigPruner:
+        """The checkpoint's kind of pruner with a length gene, or a (lengths, heads) joint gene."""
+        if gene and isinstance(gene[0], tuple):
+            if not isinstance(self.template, TokenHeadPruner):
+                raise ValueError("joint (lengths, heads) genes need a Token+Head Adaptive checkpoint")
+            lengths, heads = gene
+            return self.template.with_genes(lengths, heads)
+        return self.template.with_gene(gene)
+
+    def gene_flops(self, gene: Gene | JointGene) -> float:
         """Relative FLOPs of `gene` on the val split (analytic, real lengths, no forward)."""
         if gene not in self._flops:
-            self._flops[gene] = self.pruner_flops(self.template.with_gene(gene))
+            self._flops[gene] = self.pruner_flops(self.pruner_for(gene))
         return self._flops[gene]
 
-    def sandwich_floor_flops(self, drop_prob: float) -> float:
+    def sandwich_floor_flops(self, drop_prob: float, heads: HeadGene | None = None) -> float:
         """Relative FLOPs of the smallest sub-model sandwich training saw: every example keeps
         ceil((1-p) * previous) of its tokens per layer (the sandwich starts from each batch's padded
-        length, which length-bucketed batches keep close to every example's own length)."""
+        length, which length-bucketed batches keep close to every example's own length), and
+        loses `heads` heads per layer (Token+Head Adaptive's cap)."""
         reference = self.template.reference_length
         gene = smallest_gene(self.dims.num_layers, reference, drop_prob)
-        return self.pruner_flops(LengthConfigPruner(self.dims.num_layers, gene, reference, "fraction"))
+        if heads is None:
+            return self.pruner_flops(LengthConfigPruner(self.dims.num_layers, gene, reference, "fraction"))
+        return self.pruner_flops(
+            TokenHeadPruner(self.dims.num_layers, self.dims.num_heads, gene, reference, "fraction", heads)
+        )
 
     def pruner_flops(self, pruner: LengthConfigPruner) -> float:
         """Relative FLOPs of `pruner` on the val split, per example: a layer that removes
-        tokens of an example also pays for its score vector."""
+        tokens of an example also pays for its score vector; removed heads cost nothing."""
         n = torch.as_tensor(list(self.lengths))
         total, current = torch.zeros(n.shape, dtype=torch.float64), n
         for layer in range(self.dims.num_layers):
             kept = torch.minimum(pruner.keep_counts(layer, n), current)
-            total = total + layer_macs(self.dims, current, current, kept, self.dims.num_heads, scored=kept < current)
+            heads = self.dims.num_heads - pruner.heads_removed(layer)
+            total = total + layer_macs(self.dims, current, current, kept, heads, scored=kept < current)
             current = kept
         return float(total.sum() / unpruned_macs(self.dims, n).sum())
 
-    def evaluate(self, gene: Gene, origin: str, parents: Sequence[Gene] = ()) -> dict[str, Any]:
-        template = self.template
-        config = {
-            "_target_": PRUNER_TARGET,
-            "lengths": list(gene),
-            "reference_length": template.reference_length,
-            "length_unit": template.length_unit,
-        }
-        record = self.score(f"lengths={list(gene)}", config)
+    def evaluate(self, gene: Gene | JointGene, origin: str, parents: Sequence[Gene | JointGene] = ()) -> dict[str, Any]:
+        """Score `gene` (cached); joint genes get `gene` (lengths) and `heads` columns."""
+        pruner = self.pruner_for(gene)
+        config = pruner.config()
+        name = f"lengths={list(pruner.gene)}"
+        columns: dict[str, Any] = {"gene": list(pruner.gene)}
+        if isinstance(pruner, TokenHeadPruner):
+            name += f" heads={list(pruner.heads_gene)}"
+            columns["heads"] = list(pruner.heads_gene)
+        record = self.score(name, config)
         return {
             **record,
-            "gene": list(gene),
+            **columns,
             "origin": record.get("origin", origin),
-            "parents": record.get("parents", [list(p) for p in parents]),
+            "parents": record.get("parents", [_listed(p) for p in parents]),
         }
+
+
+def _listed(gene: Gene | JointGene) -> list[Any]:
+    """A gene as JSON-friendly lists."""
+    return [list(part) for part in gene] if gene and isinstance(gene[0], tuple) else list(gene)

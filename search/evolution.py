@@ -13,6 +13,7 @@ constant keep ratios.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -21,16 +22,42 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tokenprune.checks import check_range
+from tokenprune.checks import check_choice, check_range
+from tokenprune.modules.length_adaptive import LengthAdaptiveModule
 from tokenprune.pruners.length import Gene, check_drop_prob, constant_ratio_gene
-from tokenprune.search.context import SearchContext
-from tokenprune.search.pareto import hypervolume, pareto_front
+from tokenprune.search.context import SearchContext, SearchStrategy
+from tokenprune.search.pareto import hypervolume, on_front
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("flops", "latency")
 
 
-class ConstantRatioSearch:
+def resample_length(lengths: list[int], layer: int, rng: random.Random, longest: int) -> None:
+    """Resample `lengths[layer]` between its neighbours, so the gene stays non-increasing in [1, longest]."""
+    upper = lengths[layer - 1] if layer > 0 else longest
+    lower = lengths[layer + 1] if layer + 1 < len(lengths) else 1
+    lengths[layer] = rng.randint(lower, upper)
+
+
+def mutate_lengths(gene: Gene, rng: random.Random, probability: float, longest: int) -> Gene:
+    """Each layer resampled with `probability` between its neighbours (the earlier one already mutated)."""
+    child = list(gene)
+    for layer in range(len(child)):
+        if rng.random() < probability:
+            resample_length(child, layer, rng, longest)
+    return tuple(child)
+
+
+def ceil_mean(first: Sequence[int], second: Sequence[int]) -> tuple[int, ...]:
+    """Crossover: the element-wise ceiling of the mean (keeps monotone genes monotone)."""
+    return tuple(math.ceil((a + b) / 2) for a, b in zip(first, second, strict=True))
+
+
+class ConstantRatioSearch(SearchStrategy):
     """Genes where every layer keeps `ratio` of the previous layer's tokens."""
 
-    requires_length_adaptive = True
+    required_module = LengthAdaptiveModule
+    pruner_group = "length_adaptive"
 
     def __init__(self, ratios: Sequence[float]) -> None:
         if not ratios or any(not 0 < r <= 1 for r in ratios):
@@ -45,10 +72,14 @@ class ConstantRatioSearch:
         ]
 
 
-class EvolutionarySearch:
-    """LAT's evolutionary search over non-increasing length tuples (seeded, resumable via the cache)."""
+class EvolutionarySearch(SearchStrategy):
+    """LAT's evolutionary search over non-increasing length tuples (seeded, resumable via the cache).
 
-    requires_length_adaptive = True
+    `objective`: what the front minimises besides the score: `flops` (relative FLOPs, analytic) or
+    `latency` (wall time over the stock model's on a fixed val-split sample, this device)."""
+
+    required_module = LengthAdaptiveModule
+    pruner_group = "length_adaptive"
 
     def __init__(
         self,
@@ -61,6 +92,7 @@ class EvolutionarySearch:
         flops_min: float = 0.0,
         flops_max: float = 1.0,
         seed: int = 0,
+        objective: str = "flops",
     ) -> None:
         for name, value in {"iterations": iterations, "population": population}.items():
             if value < 1:
@@ -76,6 +108,9 @@ class EvolutionarySearch:
         self.iterations, self.mutations, self.crossovers = iterations, mutations, crossovers
         self.mutation_prob, self.population, self.length_drop = mutation_prob, population, length_drop
         self.flops_min, self.flops_max, self.seed = flops_min, flops_max, seed
+        check_choice("search.objective", objective, OBJECTIVES)
+        self.objective = objective
+        self.efficiency = f"{objective}_ratio"
 
     def initial_population(self, context: SearchContext) -> list[Gene]:
         layers, longest = context.dims.num_layers, context.max_gene_length
@@ -85,56 +120,85 @@ class EvolutionarySearch:
                 f"search.flops_max={self.flops_max} is below the smallest length configuration's "
                 f"relative FLOPs ({smallest_flops:.3f}); raise it or lower search.length_drop"
             )
+        return list(dict.fromkeys([*self.ratio_genes(context, smallest_flops), (longest,) * layers]))
+
+    def ratio_genes(self, context: SearchContext, floor: float) -> list[Gene]:
+        """`population` constant-ratio length genes spread evenly in FLOPs from `floor` (or
+        flops_min) to flops_max (or the full model), fewest FLOPs first."""
+        layers, longest = context.dims.num_layers, context.max_gene_length
         ratios = np.linspace(0.0, 1.0, 201)[1:]
         genes = {constant_ratio_gene(layers, longest, float(r)) for r in ratios}
         scored = sorted((context.gene_flops(g), g) for g in genes)
-        low, high = max(self.flops_min, smallest_flops), min(self.flops_max, 1.0)
+        low, high = max(self.flops_min, floor), min(self.flops_max, 1.0)
         targets = np.linspace(low, high, self.population)
-        chosen = [min(scored, key=lambda item: abs(item[0] - target))[1] for target in targets]
-        return list(dict.fromkeys([*chosen, (longest,) * layers]))
+        return [min(scored, key=lambda item: abs(item[0] - target))[1] for target in targets]
 
-    def mutate(self, gene: Gene, rng: random.Random, longest: int) -> Gene:
-        child = list(gene)
-        for i in range(len(child)):
-            if rng.random() < self.mutation_prob:
-                upper = child[i - 1] if i > 0 else longest
-                lower = child[i + 1] if i + 1 < len(child) else 1
-                child[i] = rng.randint(lower, upper)
-        return tuple(child)
+    def mutate(self, gene: Gene, rng: random.Random, context: SearchContext) -> Gene:
+        return mutate_lengths(gene, rng, self.mutation_prob, context.max_gene_length)
 
     @staticmethod
     def crossover(first: Gene, second: Gene) -> Gene:
-        return tuple(math.ceil((a + b) / 2) for a, b in zip(first, second))
+        return ceil_mean(first, second)
 
     def within_bounds(self, gene: Gene, context: SearchContext) -> bool:
         return self.flops_min <= context.gene_flops(gene) <= self.flops_max
 
+    def full_gene(self, context: SearchContext) -> Any:
+        return (context.max_gene_length,) * context.dims.num_layers
+
+    def record(self, gene: Any, origin: str, context: SearchContext, parents: Sequence[Any] = ()) -> dict[str, Any]:
+        """The candidate's record, with its measured latency ratio when that is the objective."""
+        record = context.evaluate(gene, origin, parents)
+        if self.objective == "latency":
+            if context.latency is None:
+                raise ValueError("search.objective=latency needs a device to time candidates on")
+            record["latency_ratio"] = context.latency(record["pruner"])
+        return record
+
+    def front_of(self, evaluated: dict[Any, dict[str, Any]], context: SearchContext) -> list[Any]:
+        genes = [gene for gene in evaluated if self.within_bounds(gene, context)]
+        table = pd.DataFrame([evaluated[gene] for gene in genes])
+        return [
+            gene for gene, member in zip(genes, on_front(table, "score", self.efficiency, context.main_mode)) if member
+        ]
+
+    def progress(self, iteration: int, evaluated: dict[Any, dict[str, Any]], context: SearchContext) -> None:
+        """Front size and hypervolume after each iteration: in the history (W&B) and the log."""
+        table = pd.DataFrame(list(evaluated.values()))
+        point = {
+            "iteration": iteration,
+            "evaluated": len(evaluated),
+            "front_size": int(on_front(table, "score", self.efficiency, context.main_mode).sum()),
+            "hypervolume": hypervolume(table, "score", self.efficiency, mode=context.main_mode),
+        }
+        context.history.append(point)
+        log.info(
+            "evolution iteration %d/%d: %d evaluated, front %d, hypervolume %.4f",
+            iteration,
+            self.iterations,
+            point["evaluated"],
+            point["front_size"],
+            point["hypervolume"],
+        )
+
     def run(self, context: SearchContext) -> list[dict[str, Any]]:
         rng = random.Random(self.seed)
-        longest = context.max_gene_length
-        evaluated: dict[Gene, dict[str, Any]] = {}
+        full = self.full_gene(context)
+        evaluated: dict[Any, dict[str, Any]] = {}
         for gene in self.initial_population(context):
-            if self.within_bounds(gene, context) or gene == (longest,) * len(gene):
-                evaluated[gene] = context.evaluate(gene, "initial")
+            if self.within_bounds(gene, context) or gene == full:
+                evaluated[gene] = self.record(gene, "initial", context)
         for iteration in range(self.iterations):
-            table = pd.DataFrame([r for g, r in evaluated.items() if self.within_bounds(g, context)])
-            front = [tuple(g) for g in pareto_front(table, "score", "flops_ratio", context.main_mode)["gene"]]
-            context.history.append(
-                {
-                    "iteration": iteration,
-                    "evaluated": len(evaluated),
-                    "front_size": len(front),
-                    "hypervolume": hypervolume(table, "score", "flops_ratio", mode=context.main_mode),
-                }
-            )
-            children: list[tuple[Gene, str, tuple[Gene, ...]]] = []
+            front = self.front_of(evaluated, context)
+            self.progress(iteration, evaluated, context)
+            children: list[tuple[Any, str, tuple[Any, ...]]] = []
             for kind, count in (("mutation", self.mutations), ("crossover", self.crossovers)):
                 for _ in range(count):
                     for _attempt in range(100):
-                        parents: tuple[Gene, ...]
+                        parents: tuple[Any, ...]
                         if kind == "mutation":
                             parents = (rng.choice(front),)
-                            child = self.mutate(parents[0], rng, longest)
+                            child = self.mutate(parents[0], rng, context)
                         else:
                             parents = (rng.choice(front), rng.choice(front))
                             child = self.crossover(parents[0], parents[1])
@@ -143,14 +207,6 @@ class EvolutionarySearch:
                             children.append((child, kind, parents))
                             break
             for child, kind, parents in children:
-                evaluated[child] = context.evaluate(child, f"{kind}@{iteration}", parents)
-        table = pd.DataFrame(list(evaluated.values()))
-        context.history.append(
-            {
-                "iteration": self.iterations,
-                "evaluated": len(evaluated),
-                "front_size": len(pareto_front(table, "score", "flops_ratio", context.main_mode)),
-                "hypervolume": hypervolume(table, "score", "flops_ratio", mode=context.main_mode),
-            }
-        )
+                evaluated[child] = self.record(child, f"{kind}@{iteration}", context, parents)
+        self.progress(self.iterations, evaluated, context)
         return list(evaluated.values())

@@ -10,13 +10,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tokenprune.config import plain
-from tokenprune.search.context import SearchContext
+from tokenprune.search.context import SearchContext, SearchStrategy
 
 
-class GridSearch:
+class GridSearch(SearchStrategy):
     """Evaluate `pruner` (a `_target_` config) with `parameter` set to each of `values`."""
-
-    requires_length_adaptive = False
 
     def __init__(self, pruner: Mapping[str, Any], parameter: str, values: Sequence[float]) -> None:
         if parameter not in pruner:

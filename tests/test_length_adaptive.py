@@ -209,7 +209,7 @@ def test_longer_evolution_scores_only_the_new_genes(tmp_path, lat_checkpoint, mo
 
 def test_search_refuses_non_length_adaptive_checkpoint_and_tiny_budget(tmp_path, lat_checkpoint):
     plain = train(compose_app("train", [*FAST, "task.max_length=64"], tmp_path / "plain"))["last_checkpoint"]
-    with pytest.raises(ValueError, match="needs a Length-Adaptive checkpoint"):
+    with pytest.raises(ValueError, match="needs a checkpoint trained by LengthAdaptiveModule"):
         run_search(search_cfg(tmp_path, plain, "x"))
     with pytest.raises(ValueError, match="search.flops_max=0.01 is below the smallest length configuration"):
         run_search(search_cfg(tmp_path, lat_checkpoint, "y", ["search.flops_max=0.01"]))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -36,15 +37,15 @@ from tokenprune.apps.settings import (
     refusals_as_messages,
 )
 from tokenprune.config import plain_errors
-from tokenprune.modules.length_adaptive import LengthAdaptiveModule
 from tokenprune.modules.loading import load_module
 from tokenprune.pruners.length import LengthConfigPruner
-from tokenprune.search.context import SearchContext
+from tokenprune.search.context import SearchContext, SearchStrategy
 from tokenprune.search.evaluate import datamodule_for, evaluate
 from tokenprune.search.evolution import ConstantRatioSearch
 from tokenprune.search.latency import measured_speedups
 from tokenprune.search.pareto import hypervolume, pareto_front, plot_fronts
 from tokenprune.search.store import CandidateStore
+from tokenprune.throughput import device_name
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,11 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     with plain_errors():
         strategy = instantiate(cfg.search, _convert_="all")
     module = load_module(cfg.checkpoint)
-    if strategy.requires_length_adaptive and not isinstance(module, LengthAdaptiveModule):
+    required = strategy.required_module
+    if required is not None and not isinstance(module, required):
         raise ValueError(
-            f"search={HydraConfig.get().runtime.choices['search']} needs a Length-Adaptive checkpoint "
-            f"(module=length_adaptive); {cfg.checkpoint} was trained by {type(module).__name__}"
+            f"search={HydraConfig.get().runtime.choices['search']} needs a checkpoint trained by "
+            f"{required.__name__}; {cfg.checkpoint} was trained by {type(module).__name__}"
         )
     if hasattr(strategy, "validate"):  # candidates known up front are built once, before any evaluation
         with plain_errors():
@@ -118,16 +120,37 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             loader = datamodule_for(module, int(cfg.measure.batch_size)).test_dataloader()
             return [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
 
-        def measure(pruner_cfgs: list[dict[str, Any]]) -> list[float]:
+        def measure(pruner_cfgs: list[dict[str, Any]], batches: list[dict[str, Tensor]] | None = None) -> list[float]:
             pruners = [module.build_pruner(c) for c in pruner_cfgs]
             with torch.inference_mode():
                 return measured_speedups(
-                    module, pruners, timing_batches(), int(cfg.measure.warmup), int(cfg.measure.repeats)
+                    module, pruners, batches or timing_batches(), int(cfg.measure.warmup), int(cfg.measure.repeats)
                 )
 
-        context = SearchContext(module.dims, template, data.lengths["val"], score, module.pruner, measure, main, mode)
+        @functools.cache
+        def latency_batches() -> list[dict[str, Tensor]]:
+            """A fixed sample of the val split: measure.search_batches batches spread over its
+            length-sorted batches, so every length range is timed."""
+            loader = datamodule_for(module, int(cfg.measure.batch_size)).val_dataloader()
+            batches = [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
+            picks = np.unique(np.linspace(0, len(batches) - 1, int(cfg.measure.search_batches)).round().astype(int))
+            return [batches[i] for i in picks]
+
+        device = device_name(module.device)
+
+        def latency(pruner_cfg: dict[str, Any]) -> float:
+            """Wall time of a configuration over the stock model's (interleaved), cached per device."""
+            identity = f"latency:{device}:{cache_key('val', pruner_cfg)}"
+            if identity not in store:
+                speedup = measure([pruner_cfg], latency_batches())[0]
+                store.add(identity, {"latency_ratio": 1 / speedup, "device": device, "pruner": pruner_cfg})
+            return float(store.get(identity)["latency_ratio"])
+
+        context = SearchContext(
+            module.dims, template, data.lengths["val"], score, module.pruner, measure, main, mode, latency
+        )
         candidates = pd.DataFrame(strategy.run(context))
-        front = pareto_front(candidates, "score", "flops_ratio", mode)
+        front = pareto_front(candidates, "score", strategy.efficiency, mode)
         reported = pd.DataFrame(
             [score(row.candidate, row.pruner, split="report") | extra_columns(row) for row in front.itertuples()]
         )
@@ -143,7 +166,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             "cache_hits": store.hits,
             "cache_size": len(store.records),
             "cache": str(store.path),
-            "val_hypervolume": hypervolume(candidates, "score", "flops_ratio", mode=mode),
+            "val_hypervolume": hypervolume(candidates, "score", strategy.efficiency, mode=mode),
             "report_unpruned_score": unpruned["score"],
             "report_unpruned_gflops": unpruned["gflops"],
             "main_metric": main,
@@ -155,7 +178,16 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
 
 def extra_columns(row: Any) -> dict[str, Any]:
     """Carry a front member's search-time bookkeeping (gene, origin, parents) to its report row."""
-    return {k: getattr(row, k) for k in ("gene", "origin", "parents") if hasattr(row, k)}
+    return {k: getattr(row, k) for k in ("gene", "heads", "origin", "parents", "latency_ratio") if hasattr(row, k)}
+
+
+def bench_command(cfg: DictConfig, group: str, pruner_cfg: dict[str, Any]) -> str:
+    """The tokenprune-bench command that times a front member (its pruner config as overrides)."""
+    settings = " ".join(f"'pruner.{key}={json.dumps(value)}'" for key, value in pruner_cfg.items() if key != "_target_")
+    return (
+        f"tokenprune-bench checkpoint={Path(cfg.checkpoint).resolve()} checkpoint_pruner=false "
+        f"pruner={group} {settings}"
+    )
 
 
 def write_outputs(
@@ -165,20 +197,13 @@ def write_outputs(
     curves: dict[str, pd.DataFrame],
     history: list[dict[str, float]],
     summary: dict[str, Any],
-    strategy: Any = None,
+    strategy: SearchStrategy,
 ) -> None:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     candidates.drop(columns=["pruner"]).to_csv(out / "candidates.csv", index=False)
-    if "gene" in front:
-        front = front.assign(
-            bench=[
-                f"tokenprune-bench checkpoint={Path(cfg.checkpoint).resolve()} checkpoint_pruner=false "
-                f"pruner=length_adaptive 'pruner.lengths={list(g)}' "
-                f"pruner.length_unit={p['length_unit']}"
-                for g, p in zip(front.gene, front.pruner)
-            ]
-        )
+    if strategy.pruner_group is not None:
+        front = front.assign(bench=[bench_command(cfg, strategy.pruner_group, p) for p in front.pruner])
     front.drop(columns=["pruner"]).to_csv(out / "front.csv", index=False)
     report_curves = [curve.assign(curve=name) for name, curve in curves.items() if name != VAL_CURVE]
     pd.concat(report_curves).drop(columns=["pruner"]).to_csv(out / "report_curves.csv", index=False)
@@ -191,7 +216,7 @@ def write_outputs(
         f"{cfg.run_name}",
         unpruned=(summary["report_unpruned_gflops"], summary["report_unpruned_score"]),
     )
-    own_plot = strategy.write_outputs(out, candidates) if hasattr(strategy, "write_outputs") else None
+    own_plot = strategy.write_outputs(out, candidates)
     for node in (cfg.logger or {}).values():
         logger = instantiate(node)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -207,7 +232,7 @@ def write_outputs(
             logger.log_table("search/front", dataframe=front.drop(columns=["pruner"]))
             logger.log_image("search/front_plot", images=[str(plot)])
         logger.finalize("success")
-    columns = ["candidate", "score", "flops_ratio", "gflops"]
+    columns = ["candidate", "score", "flops_ratio", "gflops", *(["latency_ratio"] if "latency_ratio" in front else [])]
     print(front[columns].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     log.info(
         "search wrote %s (%d evaluated now, %d from cache; the cache holds %d)",

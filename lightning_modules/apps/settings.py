@@ -95,6 +95,7 @@ SEARCH = {
     "measure.batch_size": Rule(int, 1),
     "measure.warmup": Rule(int, 0),
     "measure.repeats": Rule(int, 1),
+    "measure.search_batches": Rule(int, 1),
     "target_speedup": Rule(float, 1),
 }
 BENCH = {

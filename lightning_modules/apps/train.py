@@ -78,7 +78,7 @@ def validate(cfg: DictConfig) -> None:
             f"has {limit} usable positions"
         )
     with plain_errors():
-        build_pruner(plain(cfg.pruner), config.num_hidden_layers, int(cfg.task.max_length))
+        build_pruner(plain(cfg.pruner), config.num_hidden_layers, int(cfg.task.max_length), config.num_attention_heads)
     for name in cfg.resume_allow_changes:
         if str(name).split(".")[0] not in COMPARED:
             raise ValueError(

@@ -11,7 +11,8 @@ come from the adapter (engine/adapters.py); the loop has no per-family branch.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import functools
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from tokenprune.engine.attention import attention_with_scores, chunked_attention
 from tokenprune.engine.pruner import TokenPruner
 from tokenprune.engine.scoring import score_vector
 from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
+
+ContextHook = Callable[[int, Tensor], Tensor]  # (layer index, context (B, h, m, d_h)) -> context
 
 
 def _project(projection: Projection, x: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
@@ -73,13 +76,18 @@ class PrunableEncoder:
         heads: Sequence[Tensor | None] | None = None,
         skip_layers: Collection[int] = (),
         restore: bool = False,
+        context_hook: ContextHook | None = None,
     ) -> EncoderOutput:
         """Encode a batch.
 
-        heads: per layer, the indices of the attention heads to keep (None = all).
+        heads: per layer, the indices of the attention heads to keep; None: the pruner's
+            `kept_heads` (all heads without a pruner).
         skip_layers: layers bypassed entirely (LayerDrop).
         restore: return a full-length sequence where every dropped token keeps the hidden
             state it had when it was dropped, at its original position (Drop-and-Restore).
+        context_hook: `hook(layer, context) -> context` on each layer's per-head attention
+            context (B, h, m, d_h) before the output projection (head importance reads its
+            gradient through it); None costs nothing.
         """
         adapter = self.adapter
         state = TokenState.start(adapter.embed(input_ids, token_type_ids), attention_mask)
@@ -92,12 +100,13 @@ class PrunableEncoder:
                 lengths = state.lengths
                 trace.append(LayerTrace(lengths, lengths * 0, lengths, heads=0, skipped=True))
                 continue
-            layer_heads = heads[index] if heads is not None else None
+            layer_heads = heads[index] if heads is not None else pruner.kept_heads(index) if pruner else None
             prune = pruner is not None and pruner.prunes_at(index) and not pruner.keeps_all(index, state)
             if full is not None and prune:
                 full = self._write_back(full, state)
+            hook = functools.partial(context_hook, index) if context_hook is not None else None
             kept, layer_trace = self._layer(
-                index, adapter.layer(index), state, bias, pruner if prune else None, layer_heads
+                index, adapter.layer(index), state, bias, pruner if prune else None, layer_heads, hook
             )
             if kept.positions is not state.positions:  # tokens were removed: the bias follows them
                 bias = adapter.attention_bias(kept, kept.hidden.dtype)
@@ -123,8 +132,10 @@ class PrunableEncoder:
         bias: Tensor,
         pruner: TokenPruner | None,
         heads: Tensor | None,
+        hook: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[TokenState, LayerTrace]:
-        """One layer over `state`; bias is the adapter's additive attention term for its tokens."""
+        """One layer over `state`; bias is the adapter's additive attention term for its tokens;
+        hook: the layer's context hook (see __call__)."""
         adapter = self.adapter
         head_dim = adapter.head_dim
         x = state.hidden
@@ -140,7 +151,7 @@ class PrunableEncoder:
         n_in = state.lengths
 
         if pruner is None:
-            hidden = self._finish(parts, self._attend(query, key, value, bias, parts, dropout), x, heads)
+            hidden = self._finish(parts, self._attend(query, key, value, bias, parts, dropout), x, heads, hook)
             return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
 
         probs = scores = full_context = None
@@ -161,7 +172,7 @@ class PrunableEncoder:
                     if probs is not None
                     else self._attend(query, key, value, bias, parts, dropout)
                 )
-            hidden = self._finish(parts, full_context, x, heads) * decision[..., None]
+            hidden = self._finish(parts, full_context, x, heads, hook) * decision[..., None]
             trace = LayerTrace(
                 n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision, scores=scores, score_mask=state.mask
             )
@@ -175,7 +186,7 @@ class PrunableEncoder:
         else:  # chosen without scores: fused attention of the kept query rows only
             kept_bias = _rows(bias, slots, dim=2) if bias.shape[2] > 1 else bias  # per-query bias rows
             context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, parts, dropout)
-        hidden = self._finish(parts, context, _rows(x, slots, dim=1), heads)
+        hidden = self._finish(parts, context, _rows(x, slots, dim=1), heads, hook)
         n_out = new_mask.sum(dim=1)
         trace = LayerTrace(
             n_in, n_in if scored else n_out, n_out, n_heads, scored=scored, scores=scores, score_mask=state.mask
@@ -201,8 +212,17 @@ class PrunableEncoder:
         """Attention context from given probabilities (attention dropout applied to them)."""
         return torch.matmul(F.dropout(probs, p=dropout, training=training), value)
 
-    def _finish(self, parts: LayerParts, context: Tensor, residual: Tensor, heads: Tensor | None) -> Tensor:
+    def _finish(
+        self,
+        parts: LayerParts,
+        context: Tensor,
+        residual: Tensor,
+        heads: Tensor | None,
+        hook: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
         """Output projection, residual + LayerNorm, then the FFN block, for the given rows."""
+        if hook is not None:
+            context = hook(context)
         projected = _out_project(parts.out_proj, context, heads, self.adapter.head_dim)
         return parts.feed_forward(parts.add_and_norm(projected, residual))
 

@@ -10,7 +10,8 @@ d_ff with f d x d_ff matrices (2; 3 for gated FFNs such as Flan-T5's), the multi
 
 and FLOPs = 2 * MACs, on real (unpadded) lengths. Embeddings, pooler and classifier are not
 counted (they do not depend on pruning). The papers' convention (PoWER-BERT, LTP) is
-`2*d*n_in^2 + 4*d^2*n_in + 8*d^2*n_out` MACs per layer (d_ff = 4d, all heads).
+`2*d*n_in^2 + 4*d^2*n_in + 8*d^2*n_out` MACs per layer (d_ff = 4d), its attention terms times
+h/H when heads are pruned.
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ def unpruned_macs(dims: EncoderDims, lengths: Tensor) -> Tensor:
 
 
 def paper_macs(dims: EncoderDims, trace: Sequence[LayerTrace]) -> Tensor:
-    """MACs in the PoWER-BERT/LTP convention: 2*d*n_in^2 + 4*d^2*n_in + 8*d^2*n_out per layer."""
+    """MACs in the PoWER-BERT/LTP convention: 2*d*n_in^2 + 4*d^2*n_in + 8*d^2*n_out per layer,
+    the attention terms scaled by the share of heads kept, h/H (Token+Head Adaptive)."""
     d = dims.hidden
     total = torch.zeros_like(trace[0].n_in, dtype=torch.float64)
     for layer in trace:
         if not layer.skipped:
             n_in, n_out = layer.n_in.to(torch.float64), layer.n_out.to(torch.float64)
-            total = total + 2 * d * n_in**2 + 4 * d**2 * n_in + 8 * d**2 * n_out
+            share = layer.heads / dims.num_heads
+            total = total + share * (2 * d * n_in**2 + 4 * d**2 * n_in) + 8 * d**2 * n_out
     return total

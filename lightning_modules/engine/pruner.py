@@ -15,6 +15,8 @@ class TokenPruner(nn.Module):
     `needs_scores`) and calls `select`, which returns either
       * a bool keep mask (B, n): the engine physically removes the other tokens, or
       * float soft weights (B, n) in [0, 1]: the layer output is multiplied by them (no removal).
+    A pruner may also remove attention heads (Token+Head Adaptive): `kept_heads(layer)` names
+    the heads a layer keeps, and the engine slices their Q/K/V rows and output-projection columns.
     Slot 0 of the state and scores a pruner gets holds the token it must keep (scoring.keep_top and
     keep_above keep it): [CLS] for encoders; for adapters that protect the newest token (causal
     decoders) the engine hands each row over with that token moved to slot 0 and maps the
@@ -37,3 +39,11 @@ class TokenPruner(nn.Module):
 
     def select(self, layer: int, scores: Tensor | None, state: TokenState) -> Tensor:
         raise NotImplementedError
+
+    def kept_heads(self, layer: int) -> Tensor | None:
+        """Indices of the attention heads layer `layer` keeps (long, ascending); None keeps all."""
+        return None
+
+    def heads_removed(self, layer: int) -> int:
+        """How many heads layer `layer` loses (what `kept_heads` leaves out; analytic FLOPs)."""
+        return 0

@@ -14,7 +14,6 @@ report perplexity (modules/base.py; `lm_restore` chooses how eliminated position
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -30,21 +29,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tokenprune.checkpoints import file_digest
 from tokenprune.checks import check_choice
 from tokenprune.modules.base import TokenPruningModule
 from tokenprune.pruners.acc import ACCPruner, ScoreEveryLayer, profile_from_acc
 
 log = logging.getLogger(__name__)
 STAGES = ("finetune", "acc")
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @torch.no_grad()

@@ -117,7 +117,9 @@ class TokenPruningModule(L.LightningModule):
 
     def build_pruner(self, spec: Mapping[str, Any] | None) -> TokenPruner | None:
         """A pruner config (`conf/pruner/*.yaml` node) built for this backbone and task."""
-        return build_pruner(spec, self.adapter.num_layers, int(self.hparams["task"]["max_length"]))
+        return build_pruner(
+            spec, self.adapter.num_layers, int(self.hparams["task"]["max_length"]), self.adapter.num_heads
+        )
 
     # ----------------------------------------------------------------- forward and loss
     def forward(

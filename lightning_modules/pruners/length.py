@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,6 +95,15 @@ class LengthConfigPruner(TokenPruner):
     def with_gene(self, gene: Sequence[int]) -> LengthConfigPruner:
         """The same kind of pruner with another length configuration (sandwich sub-models, search)."""
         return LengthConfigPruner(self.num_layers, gene, self.reference_length, self.length_unit)
+
+    def config(self) -> dict[str, Any]:
+        """This pruner as a `conf/pruner` node (what build_pruner turns back into it)."""
+        return {
+            "_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+            "lengths": list(self.gene),
+            "reference_length": self.reference_length,
+            "length_unit": self.length_unit,
+        }
 
     def keep_counts(self, layer: int, input_lengths: Tensor) -> Tensor:
         """Tokens each example keeps after `layer`, from its real input length, (B,)."""

@@ -1,0 +1,274 @@
+"""Token and Head Adaptive Transformer: head importance, head genes, joint sandwich, joint search."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from apps import FAST, compose_app, record_search_evaluations, searched
+from conftest import random_batch, tiny_model
+from hydra.utils import instantiate
+
+import tokenprune.modules.token_head_adaptive as that_module
+from tokenprune.apps.search import run_search
+from tokenprune.apps.train import train
+from tokenprune.checkpoints import read_checkpoint
+from tokenprune.engine import PrunableEncoder
+from tokenprune.engine.flops import EncoderDims, encoder_macs, paper_macs, unpruned_macs
+from tokenprune.modules.loading import load_module
+from tokenprune.pruners.token_head import TokenHeadPruner, head_cap, ratio_head_gene, sample_head_gene
+from tokenprune.search.context import SearchContext
+from tokenprune.search.evaluate import datamodule_for, evaluate
+
+THAT = [*FAST, "pruner=token_head_adaptive", "module=token_head_adaptive", "task.max_length=64"]
+
+
+def test_head_cap_follows_the_reference_rule():
+    assert head_cap(6, 12) == (1, 3, 5, 7, 9, 11)
+    assert head_cap(12, 12) == (*range(1, 12), 11)
+    assert head_cap(3, 4) == (1, 2, 3)
+    assert ratio_head_gene(6, 12.0) == (1, 3, 5, 7, 9, 12)
+
+
+def test_sampled_head_genes_are_non_decreasing_under_the_cap_and_skips_carry():
+    cap, rng = head_cap(6, 12), random.Random(0)
+    seen = set()
+    for _ in range(300):
+        gene = sample_head_gene(cap, rng)
+        assert all(a <= b for a, b in zip(gene, gene[1:])) and all(h < c for h, c in zip(gene, cap))
+        seen.add(gene)
+        skipped = sample_head_gene(cap, rng, skipped={2, 3})
+        assert skipped[1] == skipped[2] == skipped[3]
+    assert len(seen) > 50
+
+
+def test_pruned_heads_are_the_least_important_and_physically_removed():
+    model, adapter = tiny_model("bert")
+    ids, mask = random_batch()
+    pruner = TokenHeadPruner(3, 4, reference_length=64, heads_pruned=[1, 3, 0])
+    importance = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.4, 0.1, 0.2, 0.8], [1.0, 0.0, 0.0, 0.0]])
+    pruner.set_head_importance(importance)
+    assert pruner.kept_heads(0).tolist() == [1, 2, 3] and pruner.kept_heads(1).tolist() == [3]
+    assert pruner.kept_heads(2) is None
+    encoder = PrunableEncoder(adapter)
+    with torch.no_grad():
+        out = encoder(ids, mask, pruner=pruner)
+        explicit = encoder(ids, mask, heads=[torch.tensor([1, 2, 3]), torch.tensor([3]), None])
+    torch.testing.assert_close(out.hidden, explicit.hidden)
+    assert [layer.heads for layer in out.trace] == [3, 1, 4]
+    dims = EncoderDims.of(adapter)
+    lengths = mask.sum(dim=1)
+    d, head_dim, ffn = dims.hidden, dims.head_dim, dims.ffn
+    by_hand = sum(
+        3 * lengths * d * h * head_dim + 2 * lengths**2 * h * head_dim + lengths * h * head_dim * d + 2 * lengths * d * ffn
+        for h in (3, 1, 4)
+    )
+    torch.testing.assert_close(encoder_macs(dims, out.trace), by_hand.double())
+    assert bool((encoder_macs(dims, out.trace) < unpruned_macs(dims, lengths)).all())
+    paper = sum(h / 4 * (2 * d * lengths**2 + 4 * d**2 * lengths) + 8 * d**2 * lengths for h in (3, 1, 4))
+    torch.testing.assert_close(paper_macs(dims, out.trace), paper.double())
+
+
+def test_pruning_heads_without_importance_is_refused():
+    pruner = TokenHeadPruner(3, 4, reference_length=64, heads_pruned=[1, 0, 0])
+    with pytest.raises(RuntimeError, match="needs head importance"):
+        pruner.kept_heads(0)
+    assert TokenHeadPruner(3, 4, reference_length=64).kept_heads(0) is None
+
+
+def test_head_importance_equals_an_independent_count_through_stock_hf_attention():
+    """|<context_h, dL/dcontext_h>| summed over tokens and examples, read from the input of HF's own
+    output projection (no engine), equals the engine's gate gradients; rows are L2-normalised."""
+    module = instantiate(compose_app("train", THAT, Path("/tmp/that-imp")).module)
+    for sub in module.model.modules():
+        if isinstance(sub, torch.nn.Dropout):
+            sub.p = 0.0
+    module.model.set_attn_implementation("eager")
+    ids, mask = random_batch(batch=3, length=16)
+    labels = torch.tensor([0, 1, 1])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    got = that_module.head_importance(module, [batch])
+
+    contexts: list[torch.Tensor] = []
+
+    def keep_input(_, inputs):
+        contexts.append(inputs[0])  # a graph node: autograd.grad reads dL/dcontext at it
+
+    hooks = [layer.attention.output.dense.register_forward_pre_hook(keep_input) for layer in module.model.bert.encoder.layer]
+    module.model.train()
+    loss = torch.nn.functional.cross_entropy(module.model(input_ids=ids, attention_mask=mask).logits, labels)
+    grads = torch.autograd.grad(loss, contexts)
+    for hook in hooks:
+        hook.remove()
+    expected = torch.stack(
+        [
+            (context * grad).view(*context.shape[:2], 4, -1).sum(-1).abs().sum(dim=(0, 1))
+            for context, grad in zip(contexts, grads)
+        ]
+    )
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in module.parameters()), "no parameter gradient is kept"
+
+
+@pytest.fixture(scope="module")
+def that_run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("that")
+    finetuned = train(compose_app("train", [*FAST, "task.max_length=64"], root / "ft"))["last_checkpoint"]
+    result = train(compose_app("train", [*THAT, f"module.init_from={finetuned}"], root / "that"))
+    return {"root": root, "finetuned": finetuned, **result}
+
+
+def test_sandwich_caches_importance_beside_the_start_and_saves_it_in_the_checkpoint(that_run, monkeypatch):
+    caches = list(Path(that_run["finetuned"]).parent.glob("last.ckpt.head-importance-*.json"))
+    assert len(caches) == 1
+    cached = torch.tensor(json.loads(caches[0].read_text())["importance"])
+    saved = read_checkpoint(that_run["last_checkpoint"])["state_dict"]["pruner.head_importance"]
+    torch.testing.assert_close(saved, cached)
+    torch.testing.assert_close(cached.norm(dim=1), torch.ones(3))
+    module = load_module(that_run["last_checkpoint"])
+    built = module.build_pruner({**module.hparams["pruner"], "heads_pruned": [1, 1, 1]})
+    assert torch.equal(built.head_importance, saved), "pruners built from configs use the model's importance"
+
+    calls = []
+    monkeypatch.setattr(that_module, "head_importance", lambda *a: calls.append(1))
+    again = train(
+        compose_app("train", [*THAT, f"module.init_from={that_run['finetuned']}"], that_run["root"] / "again")
+    )
+    assert not calls, "the second sandwich run reads the cached importance"
+    assert list(Path(that_run["finetuned"]).parent.glob("last.ckpt.head-importance-*.json")) == caches
+    torch.testing.assert_close(
+        read_checkpoint(again["last_checkpoint"])["state_dict"]["pruner.head_importance"], cached
+    )
+
+
+@pytest.mark.parametrize("prune", ["joint", "heads", "tokens"])
+def test_sub_models_prune_what_module_prune_says(tmp_path, prune):
+    module = instantiate(compose_app("train", [*THAT, f"module.prune={prune}"], tmp_path / "m").module)
+    module.pruner.set_head_importance(torch.rand(3, 4))
+    torch.manual_seed(0)
+    models = module.sub_models(torch.ones(2, 40))
+    assert len(models) == 3
+    cap = head_cap(3, 4)
+    for index, (pruner, skipped) in enumerate(models):
+        heads, lengths = pruner.heads_gene, pruner.gene
+        if prune == "tokens":
+            assert heads == (0, 0, 0)
+        elif index == 0:
+            assert heads == cap, "the smallest sub-model loses the cap"
+        else:
+            assert all(h < c for h, c in zip(heads, cap)) and list(heads) == sorted(heads)
+        if prune == "heads":
+            assert lengths == (64, 64, 64)
+        elif index == 0:
+            assert lengths == (32, 26, 21), "smallest lengths: ceil(0.8 * previous) from the padded length 40"
+
+
+def test_joint_search_front_flops_and_bench_commands(that_run, tmp_path):
+    checkpoint = that_run["last_checkpoint"]
+    cfg = compose_app(
+        "search",
+        [
+            "logger=csv",
+            f"checkpoint={checkpoint}",
+            "search=token_head_evolution",
+            "search.iterations=2",
+            "search.mutations=4",
+            "search.crossovers=3",
+            "search.population=4",
+        ],
+        tmp_path / "joint",
+    )
+    result = run_search(cfg)
+    candidates = result["candidates"]
+    cap = head_cap(3, 4)
+    for lengths, heads in zip(candidates.gene, candidates.heads):
+        assert list(lengths) == sorted(lengths, reverse=True)
+        assert list(heads) == sorted(heads) and all(h <= c for h, c in zip(heads, cap))
+    assert any(sum(h) > 0 and min(g) < max(g) for g, h in zip(candidates.gene, candidates.heads)), "joint genes"
+    module = load_module(checkpoint)
+    data = datamodule_for(module)
+    row = candidates.loc[candidates.heads.map(sum).idxmax()]
+    measured = evaluate(module, data.val_dataloader(), module.build_pruner(row.pruner))
+    assert measured["flops_ratio"] == pytest.approx(row.flops_ratio, rel=1e-6), "trace FLOPs = analytic gene FLOPs"
+    context = SearchContext(module.dims, module.pruner, data.lengths["val"], lambda *a, **k: {})
+    assert context.gene_flops((tuple(row.gene), tuple(row.heads))) == pytest.approx(row.flops_ratio, rel=1e-9)
+    front = pd.read_csv(tmp_path / "joint" / "front.csv")
+    assert front.bench.str.contains("pruner=token_head_adaptive").all()
+    assert front.bench.str.contains("pruner.heads_pruned=").all()
+
+
+def test_head_only_search_keeps_full_lengths(that_run, tmp_path):
+    cfg = compose_app(
+        "search",
+        [
+            "logger=csv",
+            f"checkpoint={that_run['last_checkpoint']}",
+            "search=token_head_evolution",
+            "search.prune=heads",
+            "search.iterations=2",
+            "search.mutations=3",
+            "search.crossovers=2",
+            "search.population=3",
+        ],
+        tmp_path / "heads",
+    )
+    candidates = run_search(cfg)["candidates"]
+    assert len({tuple(g) for g in candidates.gene}) == 1
+    assert candidates.flops_ratio.min() < 1.0
+
+
+def test_latency_objective_search_runs_and_caches_timings_per_device(that_run, tmp_path, monkeypatch):
+    overrides = [
+        "logger=csv",
+        f"checkpoint={that_run['last_checkpoint']}",
+        "search=token_head_evolution",
+        "search.objective=latency",
+        "search.iterations=1",
+        "search.mutations=2",
+        "search.crossovers=1",
+        "search.population=3",
+        "measure.repeats=1",
+        "measure.warmup=0",
+        "measure.search_batches=2",
+    ]
+    result = run_search(compose_app("search", overrides, tmp_path / "latency"))
+    candidates = result["candidates"]
+    assert (candidates.latency_ratio > 0).all() and "latency_ratio" in result["front"]
+    cache = [json.loads(line) for line in Path(result["cache"]).read_text().splitlines()]
+    timed = [r for r in cache if r["key"].startswith("latency:cpu:")]
+    assert len(timed) == len(candidates)
+    scored = record_search_evaluations(monkeypatch)
+    rerun = run_search(compose_app("search", overrides, tmp_path / "latency-again"))
+    assert not searched(scored)
+    assert rerun["candidates"].latency_ratio.tolist() == candidates.latency_ratio.tolist(), "timings from the cache"
+
+
+def test_search_refuses_a_length_adaptive_checkpoint(tmp_path, that_run):
+    lat = train(
+        compose_app(
+            "train",
+            [*FAST, "task.max_length=64", "pruner=length_adaptive", "module=length_adaptive"],
+            tmp_path / "lat",
+        )
+    )["last_checkpoint"]
+    cfg = compose_app("search", ["logger=csv", f"checkpoint={lat}", "search=token_head_evolution"], tmp_path / "x")
+    with pytest.raises(ValueError, match="needs a checkpoint trained by TokenHeadAdaptiveModule"):
+        run_search(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pruner.heads_pruned=[0,4,0]", r"every entry must be in \[0, 3\]"),
+        ("pruner.heads_pruned=[0,1]", "has 2 entries; the backbone has 3 layers"),
+        ("module.prune=everything", "module.prune=everything is not one of: joint, tokens, heads"),
+    ],
+)
+def test_bad_token_head_settings(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        train(compose_app("train", [*THAT, override], tmp_path / "bad"))
