@@ -47,12 +47,26 @@ def front_points(spec: str) -> pd.DataFrame:
     return table.assign(method=label, run=paths[-1])[["method", "run", "candidate", "score", "flops_ratio", "gflops"]]
 
 
+def best_within(table: pd.DataFrame, budgets: list[float], mode: str) -> pd.DataFrame:
+    """Per method, the best score among points at or below each relative-FLOPs budget (NaN: none)."""
+    rows = []
+    for method, group in table.groupby("method", sort=False):
+        row: dict[str, object] = {"method": method}
+        for budget in budgets:
+            within = group.loc[group.flops_ratio <= budget + 1e-9, "score"]
+            row[f"<= {budget:g}x"] = (within.max() if mode == "max" else within.min()) if len(within) else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", action="append", default=[], help="glob of results.json (repeatable)")
     parser.add_argument("--label", action="append", default=[], help="label per --runs")
     parser.add_argument("--fronts", action="append", default=[], help="label=glob of a search's front.csv")
     parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("--mode", default="max", choices=["max", "min"], help="higher (max) or lower is better")
+    parser.add_argument("--budgets", default="", help="e.g. 0.3,0.4,0.5: best score per method within each")
     parser.add_argument("--out", required=True)
     parser.add_argument("--wandb", action="store_true", help="log table and plot to W&B (offline unless WANDB_MODE)")
     args = parser.parse_args()
@@ -64,7 +78,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     table.to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(table.drop(columns="run").to_markdown(index=False, floatfmt=".4f"))
+    markdown = table.drop(columns="run").to_markdown(index=False, floatfmt=".4f")
+    if args.budgets:
+        budgets = best_within(table, [float(b) for b in args.budgets.split(",")], args.mode)
+        budgets.to_csv(out / "budgets.csv", index=False)
+        summary = budgets.to_markdown(index=False, floatfmt=".4f")
+        markdown = f"## Best {args.metric} within relative-FLOPs budgets\n\n{summary}\n\n## Every point\n\n{markdown}"
+        print(budgets.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    (out / "table.md").write_text(markdown)
     unpruned = table["unpruned_score"].dropna().mean() if "unpruned_score" in table else None
     curves = {name: group for name, group in table.groupby("method")}
     plot = plot_fronts(

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Token and Head Adaptive Transformer against its parts on one task: from the same fine-tuned start
+# and the same training budget, sandwich training that prunes tokens only (Length-Adaptive), heads
+# only, and both (THAT); the same evolutionary search over each; one table of the three fronts
+# re-scored on the report split (best accuracy within 0.3/0.4/0.5/0.6x FLOPs) and one plot.
+#
+#   bash sweeps/token_head_adaptive.sh                       # MiniLM-L6 x rt_sentiment (offline, CPU)
+#   START=outputs/train/.../checkpoints/last.ckpt bash sweeps/token_head_adaptive.sh   # skip fine-tuning
+#   ITERATIONS=30 MUTATIONS=30 CROSSOVERS=30 bash sweeps/token_head_adaptive.sh   # the paper's search size
+#   EXTRA="backbone=mobilebert task=sst2 trainer=gpu" bash sweeps/token_head_adaptive.sh   # the paper's setting
+#
+# Killing a search and rerunning the script with START and the same TOKENPRUNE_OUTPUTS reruns the
+# training; each search resumes from its cache only when its checkpoint is the same file.
+set -euo pipefail
+START=${START:-}
+FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-2}
+LENGTH_DROP=${LENGTH_DROP:-0.35}
+LAYER_DROP=${LAYER_DROP:-0}
+NUM_SANDWICH=${NUM_SANDWICH:-2}
+SANDWICH_EPOCHS=${SANDWICH_EPOCHS:-1}
+SANDWICH_LR=${SANDWICH_LR:-5e-5}
+ITERATIONS=${ITERATIONS:-8}
+MUTATIONS=${MUTATIONS:-10}
+CROSSOVERS=${CROSSOVERS:-10}
+BUDGETS=${BUDGETS:-0.3,0.4,0.5,0.6}
+EXTRA=${EXTRA:-}
+source "$(dirname "$0")/checks.sh"
+need_int FINETUNE_EPOCHS 1
+need_numbers LENGTH_DROP 0 0.99
+need_numbers LAYER_DROP 0 0.99
+need_int NUM_SANDWICH 0
+need_int SANDWICH_EPOCHS 1
+need_numbers SANDWICH_LR 1e-9 1
+need_int ITERATIONS 1
+need_int MUTATIONS 0
+need_int CROSSOVERS 0
+need_numbers BUDGETS 0 1
+if [[ -n $START && ! -f $START ]]; then echo "START=$START is not a checkpoint file" >&2; exit 2; fi
+export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs/token_head_adaptive/$(date +%Y-%m-%d_%H-%M-%S)}
+export WANDB_MODE=${WANDB_MODE:-offline}
+root=$TOKENPRUNE_OUTPUTS
+latest() { ls -t $1 | head -n 1; }
+
+if [[ -z $START ]]; then
+  tokenprune-train run_name=finetune trainer.max_epochs="$FINETUNE_EPOCHS" $EXTRA
+  START=$(latest "$root/train/finetune/*/checkpoints/last.ckpt")
+fi
+
+fronts=()
+for prune in tokens heads joint; do
+  tokenprune-train run_name="that-$prune" pruner=token_head_adaptive module=token_head_adaptive \
+    module.prune="$prune" module.init_from="$START" trainer.max_epochs="$SANDWICH_EPOCHS" \
+    module.optimizer.lr="$SANDWICH_LR" module.length_drop="$LENGTH_DROP" module.layer_drop="$LAYER_DROP" \
+    module.num_sandwich="$NUM_SANDWICH" $EXTRA
+  checkpoint=$(latest "$root/train/that-$prune/*/checkpoints/last.ckpt")
+  tokenprune-search checkpoint="$checkpoint" run_name="that-$prune" search=token_head_evolution \
+    search.prune="$prune" search.length_drop="$LENGTH_DROP" search.iterations="$ITERATIONS" \
+    search.mutations="$MUTATIONS" search.crossovers="$CROSSOVERS"
+  fronts+=(--fronts "$prune=$root/search/that-$prune/*/front.csv")
+done
+
+tokenprune-compare --runs "$root/train/that-*/*/results.json" --label "sandwich model, unpruned" \
+  "${fronts[@]}" --budgets "$BUDGETS" --out "$root/compare"
+echo "table: $root/compare/table.md  plot: $root/compare/front.png"
