@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ from conftest import random_batch, tiny_model
 from hydra.utils import instantiate
 
 import tokenprune.modules.token_head_adaptive as that_module
+from tokenprune.apps.bench import run_bench
 from tokenprune.apps.search import run_search
 from tokenprune.apps.train import train
 from tokenprune.checkpoints import read_checkpoint
@@ -272,3 +274,29 @@ def test_search_refuses_a_length_adaptive_checkpoint(tmp_path, that_run):
 def test_bad_token_head_settings(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         train(compose_app("train", [*THAT, override], tmp_path / "bad"))
+
+
+def test_front_bench_command_runs_with_heads_physically_removed(that_run, tmp_path):
+    cfg = compose_app(
+        "search",
+        [
+            "logger=csv",
+            f"checkpoint={that_run['last_checkpoint']}",
+            "search=token_head_evolution",
+            "search.prune=heads",
+            "search.iterations=1",
+            "search.mutations=2",
+            "search.crossovers=1",
+            "search.population=3",
+        ],
+        tmp_path / "heads-front",
+    )
+    front = run_search(cfg)["front"]
+    command = pd.read_csv(tmp_path / "heads-front" / "front.csv").bench.iloc[0]
+    assert command.startswith("tokenprune-bench ")
+    overrides = shlex.split(command)[1:]
+    timing = ["logger=csv", "batch_sizes=[2]", "lengths=[32]", "repeats=1", "warmup=0"]
+    table = run_bench(compose_app("bench", [*overrides, *timing], tmp_path / "bench"))
+    pruned = table[table.variant == "engine_pruned"].iloc[0]
+    removed = sum(front.heads.iloc[0])
+    assert removed > 0 and pruned.flops_speedup > 1.0, "full lengths: the FLOPs saved are the removed heads'"
