@@ -19,21 +19,41 @@ from transformers import (
     PreTrainedModel,
 )
 
-from tokenprune.engine import BertFamilyAdapter, DistilBertAdapter, EncoderAdapter, GPT2Adapter, T5EncoderAdapter
+from tokenprune.engine import (
+    BertFamilyAdapter,
+    DistilBertAdapter,
+    EncoderAdapter,
+    GPT2Adapter,
+    MobileBertAdapter,
+    T5EncoderAdapter,
+)
+
+# MobileBERT: hidden 32 around a 16-wide bottleneck (Q/K from the shared bottleneck), 2 stacked FFNs.
+# Its NoNorm does not normalise: at the default initializer_range (0.02) every activation is ~1e-4 and
+# a 1e-5 tolerance would test nothing; 0.15 keeps hidden states and logits of order 0.1-1.
+MOBILEBERT = {
+    "embedding_size": 16,
+    "intra_bottleneck_size": 16,
+    "num_feedforward_networks": 2,
+    "initializer_range": 0.15,
+}
 
 FAMILIES = {
     "bert": (BertFamilyAdapter, {}),
     "roberta": (BertFamilyAdapter, {}),
     "electra": (BertFamilyAdapter, {"embedding_size": 16}),
     "distilbert": (DistilBertAdapter, {}),
+    "mobilebert": (MobileBertAdapter, MOBILEBERT),
 }
 
 
 def tiny_model(
-    family: str, attn: str = "sdpa", num_labels: int = 3, layers: int = 3
+    family: str, attn: str = "sdpa", num_labels: int = 3, layers: int = 3, **overrides
 ) -> tuple[PreTrainedModel, EncoderAdapter]:
-    """A random-weight 3-layer, 4-head, hidden-32 model of `family` with a classification head."""
-    adapter_cls, extra = FAMILIES[family]
+    """A random-weight 3-layer, 4-head, hidden-32 model of `family` with a classification head;
+    `overrides`: further config fields."""
+    adapter_cls, family_sizes = FAMILIES[family]
+    extra = {**family_sizes, **overrides}
     if family == "distilbert":
         sizes = {"dim": 32, "n_layers": layers, "n_heads": 4, "hidden_dim": 64}
     else:

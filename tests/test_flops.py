@@ -42,8 +42,12 @@ def measured_encoder_flops(adapter, ids, mask, **engine) -> tuple[float, list]:
     ],
     ids=["unpruned", "topk", "spatten", "random", "topk+heads"],
 )
-def test_counter_matches_flop_counter_mode(engine):
-    _, adapter = tiny_model("bert", layers=4)
+@pytest.mark.parametrize("family", ["bert", "mobilebert"])
+def test_counter_matches_flop_counter_mode(family, engine):
+    """MobileBERT: Q/K read the bottleneck, V the hidden-wide input, the out-projection writes the
+    bottleneck; its input bottlenecks run on every entering token, its stacked FFNs and output
+    bottleneck on the kept ones (tests/conftest.py's sizes)."""
+    _, adapter = tiny_model(family, layers=4)
     builders = {
         "topk": lambda: TopKPruner(4, keep_ratio=0.4, start_layer=1),
         "spatten": lambda: SpAttenPruner(4, final_ratio=0.2, start_layer=0),

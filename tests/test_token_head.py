@@ -66,7 +66,10 @@ def test_pruned_heads_are_the_least_important_and_physically_removed():
     lengths = mask.sum(dim=1)
     d, head_dim, ffn = dims.hidden, dims.head_dim, dims.ffn
     by_hand = sum(
-        3 * lengths * d * h * head_dim + 2 * lengths**2 * h * head_dim + lengths * h * head_dim * d + 2 * lengths * d * ffn
+        3 * lengths * d * h * head_dim
+        + 2 * lengths**2 * h * head_dim
+        + lengths * h * head_dim * d
+        + 2 * lengths * d * ffn
         for h in (3, 1, 4)
     )
     torch.testing.assert_close(encoder_macs(dims, out.trace), by_hand.double())
@@ -100,7 +103,9 @@ def test_head_importance_equals_an_independent_count_through_stock_hf_attention(
     def keep_input(_, inputs):
         contexts.append(inputs[0])  # a graph node: autograd.grad reads dL/dcontext at it
 
-    hooks = [layer.attention.output.dense.register_forward_pre_hook(keep_input) for layer in module.model.bert.encoder.layer]
+    hooks = [
+        layer.attention.output.dense.register_forward_pre_hook(keep_input) for layer in module.model.bert.encoder.layer
+    ]
     module.model.train()
     loss = torch.nn.functional.cross_entropy(module.model(input_ids=ids, attention_mask=mask).logits, labels)
     grads = torch.autograd.grad(loss, contexts)
@@ -156,7 +161,7 @@ def test_sub_models_prune_what_module_prune_says(tmp_path, prune):
     models = module.sub_models(torch.ones(2, 40))
     assert len(models) == 3
     cap = head_cap(3, 4)
-    for index, (pruner, skipped) in enumerate(models):
+    for index, (pruner, _) in enumerate(models):
         heads, lengths = pruner.heads_gene, pruner.gene
         if prune == "tokens":
             assert heads == (0, 0, 0)

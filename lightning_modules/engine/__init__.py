@@ -6,6 +6,7 @@ from tokenprune.engine.adapters import (
     EncoderAdapter,
     GPT2Adapter,
     LayerParts,
+    MobileBertAdapter,
     Projection,
     T5EncoderAdapter,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "GPT2Adapter",
     "LayerParts",
     "LayerTrace",
+    "MobileBertAdapter",
     "PrunableEncoder",
     "Projection",
     "T5EncoderAdapter",

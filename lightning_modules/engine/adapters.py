@@ -3,10 +3,11 @@
 An adapter only points at the HF model's own sub-modules (embeddings, Q/K/V/output projections,
 norms, FFN, heads), so parameters and state_dict keys stay exactly those of the HF model. The
 engine owns the layer loop and the attention arithmetic between those modules. What differs
-between families is declared here, never tested for in the loop: post- or pre-norm layers
-(`LayerParts.pre_norm`), the softmax scale, the additive attention bias (key mask, causal mask
-over original positions, relative position bias: `attention_bias`), causal score normalisation
-and which token of a row is never eliminated (`causal`, `protected_token`).
+between families is declared here, never tested for in the loop: what Q/K, V and the attention
+residual read and what the FFN block adds back (`LayerParts.attention_inputs`, `feed_forward`:
+post-norm, pre-norm, MobileBERT's bottlenecks), the softmax scale, the additive attention bias
+(key mask, causal mask over original positions, relative position bias: `attention_bias`), causal
+score normalisation and which token of a row is never eliminated (`causal`, `protected_token`).
 """
 
 from __future__ import annotations
@@ -42,13 +43,22 @@ class Projection:
         return cls(linear.weight, linear.bias)
 
 
+AttentionInputs = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]  # x -> (Q/K input, V input, residual)
+
+
 @dataclass(frozen=True)
 class LayerParts:
-    """The pieces of one transformer layer the engine calls in order.
+    """The pieces of one transformer layer the engine calls in order, on layer input x:
 
-    Post-norm (BERT): x -> attention(x) -> add_and_norm(proj, x) -> feed_forward.
-    Pre-norm (GPT-2, T5): attention reads pre_norm(x); add_and_norm only adds the residual x;
-    feed_forward is `x + FFN(norm(x))`.
+        qk, v, residual = attention_inputs(x)          # None: (x, x, x)
+        a = add_and_norm(out_proj(attention(query(qk), key(qk), value(v))), residual)
+        layer output = feed_forward(a, x)
+
+    Post-norm (BERT): attention_inputs None; feed_forward is the FFN block with its residual and norm.
+    Pre-norm (GPT-2, T5): attention_inputs (norm(x), norm(x), x); add_and_norm only adds the
+    residual; feed_forward is `a + FFN(norm(a))`.
+    MobileBERT: Q/K, V and the residual come from bottlenecks of x; feed_forward ends with the
+    output bottleneck back to x's width, adding x.
     """
 
     query: Projection
@@ -56,10 +66,20 @@ class LayerParts:
     value: Projection
     out_proj: Projection
     attention_dropout: float
-    add_and_norm: Callable[[Tensor, Tensor], Tensor]  # (projected context, residual) -> x
-    feed_forward: Callable[[Tensor], Tensor]  # x -> layer output (FFN block with its residual and norm)
-    pre_norm: Callable[[Tensor], Tensor] | None = None  # norm of the layer input before Q/K/V (pre-norm families)
+    add_and_norm: Callable[[Tensor, Tensor], Tensor]  # (projected context, residual) -> a
+    feed_forward: Callable[[Tensor, Tensor], Tensor]  # (a, layer input x) -> layer output
+    attention_inputs: AttentionInputs | None = None  # None: Q, K, V and the residual all read x
     scale: float | None = None  # softmax scale of the attention logits; None: 1/sqrt(d_h)
+
+
+def pre_norm_inputs(norm: Callable[[Tensor], Tensor]) -> AttentionInputs:
+    """`attention_inputs` of a pre-norm layer: Q, K and V read norm(x), the residual is x."""
+
+    def inputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        normed = norm(x)
+        return normed, normed, x
+
+    return inputs
 
 
 class EncoderAdapter(ABC):
@@ -69,12 +89,18 @@ class EncoderAdapter(ABC):
         vector is then normalised by the number of queries that see each token (ACC eq. 8).
     protected_token: the token of each row that is never eliminated: "first" ([CLS], slot 0) for
         encoders, "last" (the newest real token) for causal decoders (DESIGN.md s.3).
-    ffn_matrices: d x d_ff matrices in the FFN (2; 3 for gated FFNs), for the FLOPs counter.
+    For the FLOPs counter (engine/flops.py, EncoderDims):
+    ffn_matrices: d x d_ff matrices in the FFN (2; 3 for gated FFNs).
+    input_macs: MACs per entering token before attention besides Q/K/V (MobileBERT's bottlenecks).
+    output_macs: MACs per kept token after the attention block; None: the FFN's
+        ffn_matrices * d * d_ff.
     """
 
     causal: bool = False
     protected_token: Literal["first", "last"] = "first"
     ffn_matrices: int = 2
+    input_macs: int = 0
+    output_macs: int | None = None
 
     def __init__(self, model: PreTrainedModel) -> None:
         # HF sub-modules are found by attribute name, which static typing cannot follow: Any.
@@ -138,13 +164,79 @@ class BertFamilyAdapter(EncoderAdapter):
             out_proj=Projection.of(output.dense),
             attention_dropout=attention.dropout.p,
             add_and_norm=lambda x, residual: output.LayerNorm(output.dropout(x) + residual),
-            feed_forward=layer.feed_forward_chunk,
+            feed_forward=lambda x, _: layer.feed_forward_chunk(x),
         )
 
     def classify(self, hidden: Tensor) -> Tensor:
         if isinstance(self.model.classifier, nn.Linear):  # BERT: pooler -> dropout -> linear
             return self.model.classifier(self.model.dropout(self.base.pooler(hidden)))
         return self.model.classifier(hidden)  # RoBERTa / ELECTRA heads read slot 0 themselves
+
+
+class MobileBertAdapter(BertFamilyAdapter):
+    """MobileBERT (Sun et al., arXiv 2004.02984): BERT's embeddings, pooler and heads around
+    transformers' bottlenecked MobileBertLayer.
+
+    With use_bottleneck the layer's `bottleneck` maps the hidden_size-wide input x to the Q/K
+    input, the V input and the attention residual, which is the input bottleneck
+    (intra_bottleneck_size wide): key_query_shared_bottleneck reads Q/K from a second, shared
+    bottleneck and V from x; use_bottleneck_attention reads all three from the input bottleneck.
+    Attention and FFNs run at the bottleneck width: num_feedforward_networks - 1 stacked FFNs,
+    then intermediate/output, whose output bottleneck returns to hidden_size adding x. Without
+    use_bottleneck the layer is BERT's with the stacked FFNs. Norms are the configured NoNorm
+    (elementwise affine) or LayerNorm modules.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__(model)
+        config = model.config
+        width, hidden = config.true_hidden_size, config.hidden_size  # attention/FFN width, layer width
+        bottleneck_reads = config.key_query_shared_bottleneck or config.use_bottleneck_attention
+        if config.use_bottleneck and not bottleneck_reads and width != hidden:
+            raise ValueError(
+                "MobileBERT with use_bottleneck=True, key_query_shared_bottleneck=False and "
+                f"use_bottleneck_attention=False projects the hidden_size={hidden} layer input with "
+                f"intra_bottleneck_size={width} Q/K/V weights (transformers' MobileBertLayer fails on it "
+                "too): set key_query_shared_bottleneck=True, use_bottleneck_attention=True or "
+                "intra_bottleneck_size=hidden_size"
+            )
+        self.head_dim = width // self.num_heads
+        if config.use_bottleneck:  # the input bottleneck linear, and the shared Q/K one
+            shared = config.key_query_shared_bottleneck and not config.use_bottleneck_attention
+            self.input_macs = (2 if shared else 1) * hidden * width
+        self.output_macs = 2 * config.num_feedforward_networks * width * self.intermediate_size + (
+            width * hidden if config.use_bottleneck else 0  # the output bottleneck
+        )
+
+    def layer(self, index: int) -> LayerParts:
+        layer = self._layers[index]
+        attention = layer.attention.self
+        output = layer.attention.output
+        stacked = layer.ffn if layer.num_feedforward_networks > 1 else ()
+
+        def attention_inputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            query_key, _, value, residual = layer.bottleneck(x)  # HF's Q and K inputs are one tensor
+            return query_key, value, residual
+
+        def feed_forward(x: Tensor, layer_input: Tensor) -> Tensor:
+            for ffn in stacked:
+                x = ffn(x)
+            return layer.output(layer.intermediate(x), x, layer_input)
+
+        return LayerParts(
+            query=Projection.of(attention.query),
+            key=Projection.of(attention.key),
+            value=Projection.of(attention.value),
+            out_proj=Projection.of(output.dense),
+            attention_dropout=attention.dropout.p,
+            add_and_norm=(  # MobileBertSelfOutput drops out only without the bottleneck
+                (lambda x, residual: output.LayerNorm(x + residual))
+                if output.use_bottleneck
+                else (lambda x, residual: output.LayerNorm(output.dropout(x) + residual))
+            ),
+            feed_forward=feed_forward,
+            attention_inputs=attention_inputs if layer.use_bottleneck else None,
+        )
 
 
 class DistilBertAdapter(EncoderAdapter):
@@ -169,7 +261,7 @@ class DistilBertAdapter(EncoderAdapter):
             out_proj=Projection.of(attention.out_lin),
             attention_dropout=attention.dropout.p,
             add_and_norm=lambda x, residual: block.sa_layer_norm(x + residual),
-            feed_forward=lambda x: block.output_layer_norm(block.ffn(x) + x),
+            feed_forward=lambda x, _: block.output_layer_norm(block.ffn(x) + x),
         )
 
     def classify(self, hidden: Tensor) -> Tensor:
@@ -215,8 +307,8 @@ class GPT2Adapter(EncoderAdapter):
             out_proj=Projection(attention.c_proj.weight.T, attention.c_proj.bias),
             attention_dropout=attention.attn_dropout.p,
             add_and_norm=lambda x, residual: attention.resid_dropout(x) + residual,
-            feed_forward=lambda x: x + block.mlp(block.ln_2(x)),
-            pre_norm=block.ln_1,
+            feed_forward=lambda x, _: x + block.mlp(block.ln_2(x)),
+            attention_inputs=pre_norm_inputs(block.ln_1),
             scale=attention.scaling,
         )
 
@@ -260,8 +352,8 @@ class T5EncoderAdapter(EncoderAdapter):
             out_proj=Projection.of(attention.o),
             attention_dropout=attention.dropout,
             add_and_norm=lambda x, residual: residual + attention_layer.dropout(x),
-            feed_forward=feed_forward,
-            pre_norm=attention_layer.layer_norm,
+            feed_forward=lambda x, _: feed_forward(x),
+            attention_inputs=pre_norm_inputs(attention_layer.layer_norm),
             scale=attention.scaling,
         )
 

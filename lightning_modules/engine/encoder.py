@@ -5,8 +5,9 @@ that it can (a) give a pruner the score vector in the layers that prune, (b) com
 projection and FFN for the kept rows only, and (c) slice attention heads. Layers that do not
 prune use fused scaled-dot-product attention; pruning layers compute probabilities one batch
 chunk at a time at inference (engine/attention.py), on the whole batch when training. Family
-differences (pre-norm, softmax scale, causal or position-biased attention, the protected token)
-come from the adapter (engine/adapters.py); the loop has no per-family branch.
+differences (what Q/K, V and the residual read: pre-norm, MobileBERT's bottlenecks; softmax scale,
+causal or position-biased attention, the protected token) come from the adapter
+(engine/adapters.py); the loop has no per-family branch.
 """
 
 from __future__ import annotations
@@ -142,16 +143,18 @@ class PrunableEncoder:
         n_heads = heads.numel() if heads is not None else adapter.num_heads
         training = adapter.model.training
         dropout = parts.attention_dropout if training else 0.0
-        normed = parts.pre_norm(x) if parts.pre_norm is not None else x
-        query = _project(parts.query, normed, heads, head_dim)
-        key = _project(parts.key, normed, heads, head_dim)
-        value = _project(parts.value, normed, heads, head_dim)
+        inputs = parts.attention_inputs
+        query_key_input, value_input, residual = (x, x, x) if inputs is None else inputs(x)
+        query = _project(parts.query, query_key_input, heads, head_dim)
+        key = _project(parts.key, query_key_input, heads, head_dim)
+        value = _project(parts.value, value_input, heads, head_dim)
         if heads is not None and bias.shape[1] > 1:  # a per-head bias (T5): the kept heads' rows
             bias = bias[:, heads]
         n_in = state.lengths
 
         if pruner is None:
-            hidden = self._finish(parts, self._attend(query, key, value, bias, parts, dropout), x, heads, hook)
+            context = self._attend(query, key, value, bias, parts, dropout)
+            hidden = self._finish(parts, context, residual, x, heads, hook)
             return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
 
         probs = scores = full_context = None
@@ -172,7 +175,7 @@ class PrunableEncoder:
                     if probs is not None
                     else self._attend(query, key, value, bias, parts, dropout)
                 )
-            hidden = self._finish(parts, full_context, x, heads, hook) * decision[..., None]
+            hidden = self._finish(parts, full_context, residual, x, heads, hook) * decision[..., None]
             trace = LayerTrace(
                 n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision, scores=scores, score_mask=state.mask
             )
@@ -186,7 +189,9 @@ class PrunableEncoder:
         else:  # chosen without scores: fused attention of the kept query rows only
             kept_bias = _rows(bias, slots, dim=2) if bias.shape[2] > 1 else bias  # per-query bias rows
             context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, parts, dropout)
-        hidden = self._finish(parts, context, _rows(x, slots, dim=1), heads, hook)
+        kept_input = _rows(x, slots, dim=1)
+        kept_residual = kept_input if residual is x else _rows(residual, slots, dim=1)
+        hidden = self._finish(parts, context, kept_residual, kept_input, heads, hook)
         n_out = new_mask.sum(dim=1)
         trace = LayerTrace(
             n_in, n_in if scored else n_out, n_out, n_heads, scored=scored, scores=scores, score_mask=state.mask
@@ -217,14 +222,16 @@ class PrunableEncoder:
         parts: LayerParts,
         context: Tensor,
         residual: Tensor,
+        layer_input: Tensor,
         heads: Tensor | None,
         hook: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """Output projection, residual + LayerNorm, then the FFN block, for the given rows."""
+        """Output projection, add-and-norm with the attention residual, then the FFN block (which
+        may read the layer input again: MobileBERT's output bottleneck), for the given rows."""
         if hook is not None:
             context = hook(context)
         projected = _out_project(parts.out_proj, context, heads, self.adapter.head_dim)
-        return parts.feed_forward(parts.add_and_norm(projected, residual))
+        return parts.feed_forward(parts.add_and_norm(projected, residual), layer_input)
 
 
 def seq2seq_logits(

@@ -9,7 +9,15 @@ d_ff with f d x d_ff matrices (2; 3 for gated FFNs such as Flan-T5's), the multi
     (+ score vector h*n_q*n_in in layers that compute it: one MAC per attention probability)
 
 and FLOPs = 2 * MACs, on real (unpadded) lengths. Embeddings, pooler and classifier are not
-counted (they do not depend on pruning). The papers' convention (PoWER-BERT, LTP) is
+counted (they do not depend on pruning). Layers whose attention reads and writes other widths
+than d (MobileBERT: Q/K read the d_qk-wide bottleneck, V the d_v-wide layer input, the
+out-projection writes the d_o-wide bottleneck) or that do other work per token (`input_macs` per
+entering token before attention: MobileBERT's input bottlenecks; `output_macs` per kept token
+after it, in place of the FFN term: MobileBERT's stacked FFNs and output bottleneck) count
+
+    n_in*(input_macs + (2*d_qk + d_v)*h*d_h) + logits + context + n_out*(h*d_h*d_o + output_macs).
+
+The papers' convention (PoWER-BERT, LTP) is
 `2*d*n_in^2 + 4*d^2*n_in + 8*d^2*n_out` MACs per layer (d_ff = 4d), its attention terms times
 h/H when heads are pruned.
 """
@@ -28,7 +36,8 @@ from tokenprune.engine.state import LayerTrace
 
 @dataclass(frozen=True)
 class EncoderDims:
-    """Sizes the counter needs."""
+    """Sizes the counter needs. The attention widths (Q/K input d_qk, V input d_v, out-projection
+    output d_o) default to `hidden`, `output_macs` to the FFN's ffn_matrices * hidden * ffn."""
 
     num_layers: int
     num_heads: int
@@ -36,9 +45,16 @@ class EncoderDims:
     head_dim: int
     ffn: int
     ffn_matrices: int = 2
+    query_key_input: int | None = None
+    value_input: int | None = None
+    attention_output: int | None = None
+    input_macs: int = 0
+    output_macs: int | None = None
 
     @classmethod
     def of(cls, adapter: EncoderAdapter) -> EncoderDims:
+        """The adapter's sizes; the attention widths are those of its first layer's projections."""
+        parts = adapter.layer(0)
         return cls(
             adapter.num_layers,
             adapter.num_heads,
@@ -46,6 +62,11 @@ class EncoderDims:
             adapter.head_dim,
             adapter.intermediate_size,
             adapter.ffn_matrices,
+            query_key_input=parts.query.weight.shape[1],
+            value_input=parts.value.weight.shape[1],
+            attention_output=parts.out_proj.weight.shape[0],
+            input_macs=adapter.input_macs,
+            output_macs=adapter.output_macs,
         )
 
 
@@ -56,12 +77,16 @@ def layer_macs(
     `scored` (whether the score vector was computed) is one bool or one per example."""
     n_in, n_query, n_out = (t.to(torch.float64) for t in (n_in, n_query, n_out))
     width = heads * dims.head_dim
+    hidden = dims.hidden
+    query_key, value, written = (
+        hidden if size is None else size for size in (dims.query_key_input, dims.value_input, dims.attention_output)
+    )
+    output = dims.ffn_matrices * hidden * dims.ffn if dims.output_macs is None else dims.output_macs
     return (
-        3 * n_in * dims.hidden * width
+        n_in * (dims.input_macs + (2 * query_key + value) * width)
         + n_query * n_in * (width + heads * scored)
         + n_out * n_in * width
-        + n_out * width * dims.hidden
-        + dims.ffn_matrices * n_out * dims.hidden * dims.ffn
+        + n_out * (width * written + output)
     )
 
 
