@@ -305,3 +305,20 @@ def test_front_bench_command_runs_with_heads_physically_removed(that_run, tmp_pa
     pruned = table[table.variant == "engine_pruned"].iloc[0]
     removed = sum(front.heads.iloc[0])
     assert removed > 0 and pruned.flops_speedup > 1.0, "full lengths: the FLOPs saved are the removed heads'"
+
+
+def test_mobilebert_importance_and_joint_sub_models(tmp_path):
+    """The paper's backbone: importance through the context hook, then a sub-model with heads and
+    tokens removed runs on the bottlenecked layers and counts only the kept heads."""
+    module = instantiate(compose_app("train", [*THAT, "backbone=tiny_mobilebert"], tmp_path / "m").module)
+    ids, mask = random_batch(batch=3, length=20)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 0])}
+    importance = that_module.head_importance(module, [batch])
+    torch.testing.assert_close(importance.norm(dim=1), torch.ones(3))
+    module.pruner.set_head_importance(importance)
+    torch.manual_seed(0)
+    smallest, _ = module.sub_models(mask)[0]
+    with torch.no_grad():
+        logits, out = module(batch, pruner=smallest)
+    assert logits.shape == (3, 2) and [layer.heads for layer in out.trace] == [4 - h for h in head_cap(3, 4)]
+    assert out.hidden.shape[1] < 20
