@@ -9,8 +9,8 @@
 #   ITERATIONS=30 MUTATIONS=30 CROSSOVERS=30 bash sweeps/token_head_adaptive.sh   # the paper's search size
 #   EXTRA="backbone=mobilebert task=sst2 trainer=gpu" bash sweeps/token_head_adaptive.sh   # the paper's setting
 #
-# Killing a search and rerunning the script with START and the same TOKENPRUNE_OUTPUTS reruns the
-# training; each search resumes from its cache only when its checkpoint is the same file.
+# Rerunning after a kill with the same START and TOKENPRUNE_OUTPUTS skips the finished trainings
+# (results.json written) and searches (front.csv written); a killed search resumes from its cache.
 set -euo pipefail
 START=${START:-}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-2}
@@ -48,17 +48,22 @@ fi
 
 fronts=()
 for prune in tokens heads joint; do
-  tokenprune-train run_name="that-$prune" pruner=token_head_adaptive module=token_head_adaptive \
-    module.prune="$prune" module.init_from="$START" trainer.max_epochs="$SANDWICH_EPOCHS" \
-    module.optimizer.lr="$SANDWICH_LR" module.length_drop="$LENGTH_DROP" module.layer_drop="$LAYER_DROP" \
-    module.num_sandwich="$NUM_SANDWICH" $EXTRA
+  # a rerun with the same TOKENPRUNE_OUTPUTS skips finished trainings and searches
+  if ! ls "$root"/train/that-$prune/*/results.json > /dev/null 2>&1; then
+    tokenprune-train run_name="that-$prune" pruner=token_head_adaptive module=token_head_adaptive \
+      module.prune="$prune" module.init_from="$START" trainer.max_epochs="$SANDWICH_EPOCHS" \
+      module.optimizer.lr="$SANDWICH_LR" module.length_drop="$LENGTH_DROP" module.layer_drop="$LAYER_DROP" \
+      module.num_sandwich="$NUM_SANDWICH" $EXTRA
+  fi
   checkpoint=$(latest "$root/train/that-$prune/*/checkpoints/last.ckpt")
-  tokenprune-search checkpoint="$checkpoint" run_name="that-$prune" search=token_head_evolution \
-    search.prune="$prune" search.length_drop="$LENGTH_DROP" search.iterations="$ITERATIONS" \
-    search.mutations="$MUTATIONS" search.crossovers="$CROSSOVERS"
+  if ! ls "$root"/search/that-$prune/*/front.csv > /dev/null 2>&1; then
+    tokenprune-search checkpoint="$checkpoint" run_name="that-$prune" search=token_head_evolution \
+      search.prune="$prune" search.length_drop="$LENGTH_DROP" search.iterations="$ITERATIONS" \
+      search.mutations="$MUTATIONS" search.crossovers="$CROSSOVERS"
+  fi
   fronts+=(--fronts "$prune=$root/search/that-$prune/*/front.csv")
 done
 
 tokenprune-compare --runs "$root/train/that-*/*/results.json" --label "sandwich model, unpruned" \
-  "${fronts[@]}" --budgets "$BUDGETS" --out "$root/compare"
-echo "table: $root/compare/table.md  plot: $root/compare/front.png"
+  "${fronts[@]}" --budgets "$BUDGETS" --out "$root/compare/$(date +%Y-%m-%d_%H-%M-%S)"
+echo "table and plot: $(ls -td "$root"/compare/*/ | head -n 1)"
