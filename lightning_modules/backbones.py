@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from tokenprune.checks import check_choice
-from tokenprune.engine.adapters import EncoderAdapter
+from tokenprune.engine.adapters import T5_INPUT_LENGTH, EncoderAdapter
 
 # The HF auto class each backbone `head` builds (token-level tasks override `classification`).
 HEADS: dict[str, Any] = {
@@ -52,7 +52,10 @@ def tokenizer_location(spec: Mapping[str, Any]) -> str:
 
 
 def usable_positions(config: PretrainedConfig) -> int:
-    """Longest input (in tokens) the backbone's position embeddings can encode."""
+    """Longest input (in tokens) the backbone's position embeddings can encode; T5 (relative
+    positions, no table) the input length it was trained on."""
+    if config.model_type == "t5":
+        return T5_INPUT_LENGTH
     offset = config.pad_token_id + 1 if config.model_type in _POSITION_OFFSET_FAMILIES else 0
     return config.max_position_embeddings - offset
 

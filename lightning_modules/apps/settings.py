@@ -75,7 +75,7 @@ TRAINER = {
     "data.batch_size": Rule(int, 1),
     "data.eval_batch_size": Rule(int, 1),
     "data.num_workers": Rule(int, 0),
-    "trainer.max_epochs": Rule(int, 1, optional=True),
+    "trainer.max_epochs": Rule(int, 0, optional=True),  # 0: evaluate (and checkpoint) the starting weights
     "trainer.max_steps": Rule(int, -1),
     "trainer.accumulate_grad_batches": Rule(int, 1),
     "trainer.log_every_n_steps": Rule(int, 1),

@@ -3,6 +3,8 @@
 tokenprune-train                                   # MiniLM-L6 x rt_sentiment, no pruning
 tokenprune-train pruner=topk pruner.keep_ratio=0.4 task=trec6
 tokenprune-train -m pruner=none,topk               # Hydra multirun
+tokenprune-train backbone=flan_t5_base task=rt_sentiment_rank module=acc pruner=acc trainer.max_epochs=0
+                                                   # no training: ACC profile, report, last.ckpt for the searches
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tokenprune.apps.settings import (
 from tokenprune.backbones import assert_same_backbone, load_config, usable_positions
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
+from tokenprune.modules.base import check_task_backbone
 from tokenprune.modules.callbacks import RunSettings, StepSeed
 from tokenprune.pruners import build_pruner
 
@@ -70,6 +73,7 @@ COMPARED = ("seed", "backbone", "task", "pruner", "module", "data", "trainer", "
 def validate(cfg: DictConfig) -> None:
     """Fail on bad settings before any data or weights are loaded or any training starts."""
     check_settings(cfg, TRAINER)
+    check_task_backbone(plain(cfg.task), plain(cfg.backbone))
     config = load_config(cfg.backbone, int(cfg.task.num_labels))
     limit = usable_positions(config)
     if not 1 < cfg.task.max_length <= limit:
@@ -154,9 +158,13 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             RunSettings(run_settings(cfg)),
             *(extra_callbacks or []),
         ]
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=run_dir)
 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        last = checkpoints["last"].best_model_path or None
+        if last is None and trainer.global_step == 0:  # trainer.max_epochs=0: the starting weights, for the searches
+            last = checkpoints["last"].format_checkpoint_name({})
+            trainer.save_checkpoint(last)
         best = checkpoints["best"].best_model_path or None
         report = trainer.test(
             module,
@@ -169,7 +177,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             "run_name": cfg.run_name,
             "run_dir": str(run_dir),
             "best_checkpoint": best,
-            "last_checkpoint": checkpoints["last"].best_model_path or None,
+            "last_checkpoint": last,
             "reported_on": cfg.report_on,
             "resumed_from": ckpt_path,
             "report": {k: float(v) for k, v in sorted(report.items())},

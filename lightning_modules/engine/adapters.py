@@ -381,9 +381,16 @@ class T5EncoderAdapter(EncoderAdapter):
         self, hidden: Tensor, mask: Tensor, decoder_input_ids: Tensor, decoder_attention_mask: Tensor | None = None
     ) -> Tensor:
         """LM logits of the HF decoder cross-attending to the (kept) encoder tokens `hidden`
-        (B, m, d) whose real slots are `mask` (B, m)."""
+        (B, m, d), the engine's last-layer output, whose real slots are `mask` (B, m)."""
+        return self.decode(self.encoder_states(hidden), mask, decoder_input_ids, decoder_attention_mask)
+
+    def decode(
+        self, states: Tensor, mask: Tensor, decoder_input_ids: Tensor, decoder_attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """LM logits of the HF decoder over finished encoder outputs `states` (after the final norm,
+        e.g. the stock HF encoder's `last_hidden_state`)."""
         return self.model(
-            encoder_outputs=(self.encoder_states(hidden),),
+            encoder_outputs=(states,),
             attention_mask=mask.long(),
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,

@@ -10,6 +10,9 @@ by the checkpoint's SHA-256 and the task) and reused; it travels in the pruner's
 trained checkpoint runs at any SC afterwards (`tokenprune-search search=acc_offline`).
 Causal-LM tasks (GPT-2, eq. 8 scores, newest token protected) train on the next-token loss and
 report perplexity (modules/base.py; `lm_restore` chooses how eliminated positions are scored).
+Seq2seq backbones (Flan-T5, rank classification over `task.answers`) need no fine-tuned start: as
+in the paper, stage `acc` may profile the pretrained weights (no `init_from`; the profile is then
+written into the run folder) and, with `trainer.max_epochs=0`, evaluate them without training.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tokenprune.backbones import resolve_location
 from tokenprune.checkpoints import file_digest
 from tokenprune.checks import check_choice
 from tokenprune.modules.base import TokenPruningModule
@@ -83,6 +87,8 @@ def plot_profile(acc: Sequence[float], fitted: Sequence[float], profile: Sequenc
 class ACCModule(TokenPruningModule):
     """ACC fine-tuning: elimination on, task loss, profile measured on the starting weights."""
 
+    seq2seq = True
+
     def __init__(
         self,
         backbone: Mapping[str, Any],
@@ -112,25 +118,46 @@ class ACCModule(TokenPruningModule):
             self.read_profile(Path(profile_path), strict=True)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams["stage"] == "acc" and self.hparams["init_from"] is None:
+        if (
+            stage == "fit"
+            and self.hparams["stage"] == "acc"
+            and self.hparams["init_from"] is None
+            and self.decoder_logits is None
+        ):
             raise ValueError(
                 "module.stage=acc needs module.init_from=<fine-tuned checkpoint> (its ACC profile is "
-                "measured first); experiment=acc runs fine-tuning and the ACC stage in one command"
+                "measured first); experiment=acc runs fine-tuning and the ACC stage in one command "
+                "(only a seq2seq backbone ranking task.answers starts from its pretrained weights)"
             )
         super().setup(stage)
         if stage == "fit" and self.hparams["stage"] == "acc" and self.hparams["pruner"].get("acc") is None:
             self.use_profile(self.profile_artifact())
 
     def identity(self) -> dict[str, Any]:
-        """What a profile was measured on: the starting checkpoint's bytes, backbone and task."""
+        """What a profile was measured on: the starting checkpoint's bytes (without one, the
+        backbone's pretrained weights: their location), backbone and task (with its prompt)."""
         if not hasattr(self, "_identity"):
+            init_from, task = self.hparams["init_from"], self.hparams["task"]
+            start = (
+                {"checkpoint_sha256": file_digest(str(init_from))}
+                if init_from is not None
+                else {"pretrained": resolve_location(self.hparams["backbone"].get("pretrained"))}
+            )
             self._identity = {
-                "checkpoint_sha256": file_digest(str(self.hparams["init_from"])),
+                **start,
                 "backbone": self.hparams["backbone"]["name"],
-                "task": self.hparams["task"]["name"],
-                "max_length": self.hparams["task"]["max_length"],
+                "task": task["name"],
+                "max_length": task["max_length"],
+                "prompt": task.get("prompt"),
             }
         return self._identity
+
+    def default_profile_path(self) -> Path:
+        """`<init_from>.acc-profile.json`, or without a start checkpoint `acc-profile.json` in the
+        trainer's root folder (the run folder of tokenprune-train)."""
+        if self.hparams["init_from"] is not None:
+            return Path(f"{self.hparams['init_from']}.acc-profile.json")
+        return Path(self.trainer.default_root_dir) / "acc-profile.json"
 
     def read_profile(self, path: Path, strict: bool) -> dict[str, Any] | None:
         """A saved profile if it was measured on this model and task; otherwise None, or (strict,
@@ -151,7 +178,7 @@ class ACCModule(TokenPruningModule):
     def profile_artifact(self) -> dict[str, Any]:
         """The starting checkpoint's profile: read when it matches, else measured and saved."""
         given = self.hparams["profile_path"]
-        path = Path(given) if given else Path(f"{self.hparams['init_from']}.acc-profile.json")
+        path = Path(given) if given else self.default_profile_path()
         saved = self.read_profile(path, strict=bool(given))
         if saved is not None:
             log.info("ACC profile from %s", path)
@@ -182,7 +209,7 @@ class ACCModule(TokenPruningModule):
         """Put the profile into the pruner's settings (saved with every checkpoint) and rebuild it."""
         self.hparams["pruner"] = {**self.hparams["pruner"], "profile": artifact["profile"], "acc": artifact["acc"]}
         self.pruner = self.build_pruner(self.hparams["pruner"])
-        image = Path(f"{self.hparams['init_from']}.acc-profile.png")
+        image = self.default_profile_path().with_suffix(".png")
         for logger in self.loggers:
             logger.log_metrics(
                 {f"acc/acc_layer_{i}": v for i, v in enumerate(artifact["acc"])}

@@ -7,6 +7,13 @@ cross entropy over the LM head's logits (GPT-2, `backbone.head=causal_lm`) and p
 an eliminated position by the hidden state it had when it was eliminated (ACC's paper does not
 say how its perplexity treats eliminated positions). Without, only the positions that survive to
 the last layer are scored (each predicting the token after it).
+
+Seq2seq backbones (`backbone.head=seq2seq_lm`, T5 / Flan-T5) classify by rank classification, the
+way instruction-tuned models are evaluated without fine-tuning: class c's logit is the decoder's
+summed log-likelihood of `task.answers[c]` given the encoder output, from one engine pass over the
+encoder per batch (pruner applied: ACC eliminates in the encoder only, Kachuee and Sharifkhani,
+arXiv 2201.03327) and one decoder pass over every (example, answer) pair, cross-attending to the
+kept encoder tokens. Accuracy, FLOPs (the encoder's) and the searches then work as for encoders.
 """
 
 from __future__ import annotations
@@ -23,16 +30,20 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from tokenprune.backbones import assert_same_backbone, load_backbone
+from tokenprune.backbones import assert_same_backbone, load_backbone, tokenizer_location
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.checks import check_choice, check_optimizer
 from tokenprune.config import plain
-from tokenprune.data.datamodule import TASK_KINDS
+from tokenprune.data.datamodule import TASK_KINDS, answer_token_ids
 from tokenprune.engine import EncoderOutput, PrunableEncoder
 from tokenprune.engine.flops import EncoderDims
 from tokenprune.engine.pruner import TokenPruner
 from tokenprune.modules.metrics import PruningStats
 from tokenprune.pruners import build_pruner
+
+# Backbone heads that classify whole sequences: a classifier over the encoder, or a seq2seq LM
+# ranking task.answers.
+SEQUENCE_HEADS = ("classification", "seq2seq_lm")
 
 
 class TokenPruningModule(L.LightningModule):
@@ -42,10 +53,15 @@ class TokenPruningModule(L.LightningModule):
     and scheduler `_partial_` nodes (lightning-hydra-template style); all are stored as plain-data
     hyperparameters so `load_from_checkpoint` rebuilds the same model. The HF model is
     `self.model` (state_dict keys `model.<HF keys>`), the pruner `self.pruner` (None = unpruned).
-    `task_kinds`: the `task.kind`s a method supports; `lm_restore`: see the module doc.
+    `task_kinds`: the `task.kind`s a method supports; `seq2seq`: whether it trains and evaluates
+    seq2seq backbones by rank classification; `lm_restore`: see the module doc.
     """
 
     task_kinds: tuple[str, ...] = TASK_KINDS
+    seq2seq: bool = False
+    answer_targets: Tensor  # rank classification buffers (register_answers)
+    answer_mask: Tensor
+    answer_inputs: Tensor
 
     def __init__(
         self,
@@ -90,6 +106,14 @@ class TokenPruningModule(L.LightningModule):
         )
         if self.causal_lm and self.lm_logits is None:
             raise ValueError(f"task.kind=causal_lm: backbone.adapter {type(self.adapter).__name__} has no LM head")
+        self.decoder_logits: Callable[..., Tensor] | None = None
+        if task.get("answers") is not None:
+            self.decoder_logits = getattr(self.adapter, "decoder_logits", None)
+            if self.decoder_logits is None:
+                raise ValueError(
+                    f"task.answers: backbone.adapter {type(self.adapter).__name__} has no decoder to rank answers"
+                )
+            self.register_answers(answer_token_ids(tokenizer_location(backbone), task["answers"]))
         self.pruner = self.build_pruner(pruner)
         self.regression = not self.causal_lm and task["num_labels"] == 1
         self.token_level = bool(task.get("token_level", False))
@@ -99,6 +123,23 @@ class TokenPruningModule(L.LightningModule):
         self.report_unpruned_metrics = metrics.clone(prefix="report/unpruned_")
         self.val_stats = PruningStats(self.dims)
         self.report_stats = PruningStats(self.dims)
+
+    def register_answers(self, targets: list[list[int]]) -> None:
+        """Answer targets (C, T) right-padded, their mask, and the decoder inputs (targets shifted
+        right after the decoder start token), as non-persistent buffers that follow the device."""
+        config = self.model.config
+        if config.decoder_start_token_id is None or config.pad_token_id is None:
+            raise ValueError(
+                f"backbone={self.hparams['backbone']['name']}: task.answers needs the model config's "
+                "decoder_start_token_id and pad_token_id"
+            )
+        length = max(len(target) for target in targets)
+        padded = torch.tensor([target + [config.pad_token_id] * (length - len(target)) for target in targets])
+        mask = torch.tensor([[1] * len(target) + [0] * (length - len(target)) for target in targets])
+        start = padded.new_full((len(targets), 1), config.decoder_start_token_id)
+        self.register_buffer("answer_targets", padded, persistent=False)
+        self.register_buffer("answer_mask", mask, persistent=False)
+        self.register_buffer("answer_inputs", torch.cat([start, padded[:, :-1]], dim=1), persistent=False)
 
     def setup(self, stage: str) -> None:
         """Before fitting: start from `init_from` (model weights, and the pruner's if it has any)."""
@@ -129,7 +170,8 @@ class TokenPruningModule(L.LightningModule):
 
         Token-level tasks get Drop-and-Restore: full-length outputs, one logit row per input token.
         Causal LM: next-token logits at every position (`lm_restore`) or at the surviving ones
-        (`out.positions`); `targets` gives the labels aligned with them.
+        (`out.positions`); `targets` gives the labels aligned with them. Seq2seq: the answers'
+        log-likelihoods (`rank_answers`), one logit per class.
         """
         out = self.encoder(
             batch["input_ids"],
@@ -141,8 +183,38 @@ class TokenPruningModule(L.LightningModule):
         )
         if self.lm_logits is not None:
             return self.lm_logits(out.hidden), out
+        if self.decoder_logits is not None:
+            return self.rank_answers(out.hidden, out.mask), out
         head = self.adapter.token_logits if self.token_level else self.adapter.classify
         return head(out.hidden), out
+
+    def rank_answers(self, hidden: Tensor, mask: Tensor, decode: Callable[..., Tensor] | None = None) -> Tensor:
+        """Rank classification: (B, C) summed log-likelihoods of each answer's tokens under the
+        decoder, which cross-attends to the kept encoder tokens `hidden` (real slots: `mask`), all
+        (example, answer) pairs in one decoder pass. `decode` defaults to the adapter's
+        `decoder_logits` (engine outputs)."""
+        decode = decode or self.decoder_logits
+        assert decode is not None
+        batch, classes = hidden.shape[0], self.answer_targets.shape[0]
+        logits = decode(
+            hidden.repeat_interleave(classes, dim=0),
+            mask.repeat_interleave(classes, dim=0),
+            self.answer_inputs.repeat(batch, 1),
+            self.answer_mask.repeat(batch, 1),
+        )
+        targets = self.answer_targets.repeat(batch, 1)
+        tokens = logits.float().log_softmax(dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        return (tokens * self.answer_mask.repeat(batch, 1)).sum(dim=-1).view(batch, classes)
+
+    def stock_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The stock HF model's logits for `batch`, no engine: the reference every throughput
+        figure is measured against. Seq2seq: the HF encoder, then the same answer ranking."""
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        if self.decoder_logits is None:
+            return self.model(**inputs).logits
+        mask = inputs["attention_mask"]
+        states = self.model.encoder(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+        return self.rank_answers(states, mask.bool(), self.adapter.decode)
 
     def targets(self, batch: Mapping[str, Tensor], out: EncoderOutput) -> Tensor:
         """Labels aligned with `forward`'s logits: the batch's labels, or for causal LM the label
@@ -239,17 +311,56 @@ class TokenPruningModule(L.LightningModule):
         assert_same_backbone(checkpoint.get("hyper_parameters", {}), self.hparams["backbone"])
 
 
+def check_task_backbone(task: Mapping[str, Any], backbone: Mapping[str, Any]) -> None:
+    """`task.kind` matches `backbone.head`; `task.answers` (rank classification, one answer string
+    per class) is set exactly when the backbone is a seq2seq LM. Checked before anything loads."""
+    kind = task.get("kind", "classification")
+    check_choice("task.kind", kind, TASK_KINDS)
+    head = backbone.get("head", "classification")
+    name, answers = backbone.get("name"), task.get("answers")
+    heads = SEQUENCE_HEADS if kind == "classification" and not task.get("token_level") else (kind,)
+    if head not in heads:
+        what = f"task.kind={kind}" + (" with task.token_level=true" if task.get("token_level") else "")
+        raise ValueError(f"{what} needs a backbone with head {' or '.join(heads)}; backbone={name} has head {head}")
+    if head != "seq2seq_lm":
+        if answers is not None:
+            raise ValueError(
+                f"task.answers={answers} ranks answer strings with a seq2seq backbone (head seq2seq_lm, e.g. "
+                f"backbone=flan_t5_base or tiny_t5); backbone={name} has head {head}: leave task.answers unset"
+            )
+        return
+    labels = task.get("num_labels")
+    if answers is None:
+        raise ValueError(
+            f"backbone={name} (head seq2seq_lm) classifies by ranking answer strings: set task.answers to one "
+            f"string per class (task.num_labels={labels}), e.g. task=rt_sentiment_rank or "
+            "'+task.answers=[negative,positive]'"
+        )
+    if (
+        not isinstance(answers, list)
+        or not all(isinstance(answer, str) and answer.strip() for answer in answers)
+        or len(answers) != labels
+        or labels < 2
+    ):
+        raise ValueError(
+            f"task.answers={answers!r} must be a list of task.num_labels={labels} non-empty strings, one per class "
+            "(at least two: rank classification cannot regress)"
+        )
+
+
 def check_task_kind(module: type[TokenPruningModule], task: Mapping[str, Any], backbone: Mapping[str, Any]) -> bool:
-    """`task.kind` is one the method supports and matches `backbone.head`; True for causal LM."""
+    """`task.kind` and a seq2seq backbone are ones the method supports, and the task fits the
+    backbone (`check_task_backbone`); True for causal LM."""
     kind = task.get("kind", "classification")
     check_choice("task.kind", kind, TASK_KINDS)
     if kind not in module.task_kinds:
         raise ValueError(
             f"task.kind={kind} is not supported by {module.__name__} (it supports: {', '.join(module.task_kinds)})"
         )
-    head = backbone.get("head", "classification")
-    if head != kind:
+    if backbone.get("head") == "seq2seq_lm" and not module.seq2seq:
         raise ValueError(
-            f"task.kind={kind} needs a backbone with head {kind}; backbone={backbone.get('name')} has head {head}"
+            f"backbone={backbone.get('name')} (head seq2seq_lm) is not supported by {module.__name__}; "
+            "use module=finetune or module=acc"
         )
+    check_task_backbone(task, backbone)
     return kind == "causal_lm"

@@ -15,7 +15,10 @@ class FineTuneModule(TokenPruningModule):
 
     A static pruner is applied at every evaluation; with `train_pruned` it is applied during
     training too (PoWER-BERT style re-training with the retention configuration fixed).
+    Seq2seq backbones train on the rank-classification logits (cross entropy over the answers).
     """
+
+    seq2seq = True
 
     def __init__(
         self,
