@@ -14,6 +14,7 @@ or every head), for the token-only and head-only fronts.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 
@@ -31,33 +32,10 @@ class TokenHeadEvolutionarySearch(EvolutionarySearch):
     required_module = TokenHeadAdaptiveModule
     pruner_group = "token_head_adaptive"
 
-    def __init__(
-        self,
-        prune: str = "joint",
-        iterations: int = 30,
-        mutations: int = 30,
-        crossovers: int = 30,
-        mutation_prob: float = 0.5,
-        population: int = 20,
-        length_drop: float = 0.2,
-        flops_min: float = 0.0,
-        flops_max: float = 1.0,
-        seed: int = 0,
-        objective: str = "flops",
-    ) -> None:
+    def __init__(self, prune: str = "joint", population: int = 20, **evolution: Any) -> None:
+        """`evolution`: the settings of EvolutionarySearch (iterations, mutations, objective, ...)."""
         check_choice("search.prune", prune, PRUNED_PARTS)
-        super().__init__(
-            iterations,
-            mutations,
-            crossovers,
-            mutation_prob,
-            population,
-            length_drop,
-            flops_min,
-            flops_max,
-            seed,
-            objective,
-        )
+        super().__init__(population=population, **evolution)
         self.prune = prune
 
     def cap(self, context: SearchContext) -> HeadGene:

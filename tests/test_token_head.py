@@ -29,6 +29,13 @@ from tokenprune.search.evaluate import datamodule_for, evaluate
 THAT = [*FAST, "pruner=token_head_adaptive", "module=token_head_adaptive", "task.max_length=64"]
 
 
+def that_search(checkpoint: str, out: Path, *overrides: str) -> dict:
+    """A small token_head_evolution search of `checkpoint` (2 iterations of 3 + 2 children)."""
+    base = ["logger=csv", f"checkpoint={checkpoint}", "search=token_head_evolution", "search.iterations=2"]
+    size = ["search.mutations=3", "search.crossovers=2", "search.population=3"]
+    return run_search(compose_app("search", [*base, *size, *overrides], out))
+
+
 def test_head_cap_follows_the_reference_rule():
     assert head_cap(6, 12) == (1, 3, 5, 7, 9, 11)
     assert head_cap(12, 12) == (*range(1, 12), 11)
@@ -177,20 +184,7 @@ def test_sub_models_prune_what_module_prune_says(tmp_path, prune):
 
 def test_joint_search_front_flops_and_bench_commands(that_run, tmp_path):
     checkpoint = that_run["last_checkpoint"]
-    cfg = compose_app(
-        "search",
-        [
-            "logger=csv",
-            f"checkpoint={checkpoint}",
-            "search=token_head_evolution",
-            "search.iterations=2",
-            "search.mutations=4",
-            "search.crossovers=3",
-            "search.population=4",
-        ],
-        tmp_path / "joint",
-    )
-    result = run_search(cfg)
+    result = that_search(checkpoint, tmp_path / "joint")
     candidates = result["candidates"]
     cap = head_cap(3, 4)
     for lengths, heads in zip(candidates.gene, candidates.heads):
@@ -209,24 +203,17 @@ def test_joint_search_front_flops_and_bench_commands(that_run, tmp_path):
     assert front.bench.str.contains("pruner.heads_pruned=").all()
 
 
-def test_head_only_search_keeps_full_lengths(that_run, tmp_path):
-    cfg = compose_app(
-        "search",
-        [
-            "logger=csv",
-            f"checkpoint={that_run['last_checkpoint']}",
-            "search=token_head_evolution",
-            "search.prune=heads",
-            "search.iterations=2",
-            "search.mutations=3",
-            "search.crossovers=2",
-            "search.population=3",
-        ],
-        tmp_path / "heads",
-    )
-    candidates = run_search(cfg)["candidates"]
+def test_head_only_search_keeps_full_lengths_and_its_bench_command_removes_heads(that_run, tmp_path):
+    result = that_search(that_run["last_checkpoint"], tmp_path / "heads", "search.prune=heads")
+    candidates, front = result["candidates"], result["front"]
     assert len({tuple(g) for g in candidates.gene}) == 1
     assert candidates.flops_ratio.min() < 1.0
+    command = pd.read_csv(tmp_path / "heads" / "front.csv").bench.iloc[0]
+    assert command.startswith("tokenprune-bench ")
+    timing = ["logger=csv", "batch_sizes=[2]", "lengths=[32]", "repeats=1", "warmup=0"]
+    table = run_bench(compose_app("bench", [*shlex.split(command)[1:], *timing], tmp_path / "bench"))
+    pruned = table[table.variant == "engine_pruned"].iloc[0]
+    assert sum(front.heads.iloc[0]) > 0 and pruned.flops_speedup > 1.0, "full lengths: the saving is the heads'"
 
 
 def test_latency_objective_search_runs_and_caches_timings_per_device(that_run, tmp_path, monkeypatch):
@@ -279,32 +266,6 @@ def test_search_refuses_a_length_adaptive_checkpoint(tmp_path, that_run):
 def test_bad_token_head_settings(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         train(compose_app("train", [*THAT, override], tmp_path / "bad"))
-
-
-def test_front_bench_command_runs_with_heads_physically_removed(that_run, tmp_path):
-    cfg = compose_app(
-        "search",
-        [
-            "logger=csv",
-            f"checkpoint={that_run['last_checkpoint']}",
-            "search=token_head_evolution",
-            "search.prune=heads",
-            "search.iterations=1",
-            "search.mutations=2",
-            "search.crossovers=1",
-            "search.population=3",
-        ],
-        tmp_path / "heads-front",
-    )
-    front = run_search(cfg)["front"]
-    command = pd.read_csv(tmp_path / "heads-front" / "front.csv").bench.iloc[0]
-    assert command.startswith("tokenprune-bench ")
-    overrides = shlex.split(command)[1:]
-    timing = ["logger=csv", "batch_sizes=[2]", "lengths=[32]", "repeats=1", "warmup=0"]
-    table = run_bench(compose_app("bench", [*overrides, *timing], tmp_path / "bench"))
-    pruned = table[table.variant == "engine_pruned"].iloc[0]
-    removed = sum(front.heads.iloc[0])
-    assert removed > 0 and pruned.flops_speedup > 1.0, "full lengths: the FLOPs saved are the removed heads'"
 
 
 def test_mobilebert_importance_and_joint_sub_models(tmp_path):
