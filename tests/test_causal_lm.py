@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from apps import compose_app
+from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
 
 from tokenprune.apps.search import run_search
@@ -212,3 +213,21 @@ def test_offline_tuning_scores_perplexity_at_three_coefficients(tmp_path, acc_lm
         val = candidates[candidates.candidate == row.candidate].iloc[0]
         better = (candidates.flops_ratio <= val.flops_ratio) & (candidates.score < val.score)
         assert not better.any()
+
+
+def test_wikitext_task_runs_from_a_local_copy(tmp_path):
+    """task=wikitext103 (hub) on a save_to_disk copy with WikiText's splits and its empty lines."""
+    lines = ["", " = Valkyria Chronicles = ", "", " The game began development in 2010 . "] * 30
+    local = tmp_path / "wikitext"
+    DatasetDict({split: Dataset.from_dict({"text": lines}) for split in ("train", "validation", "test")}).save_to_disk(
+        local
+    )
+    overrides = [
+        *(override for override in FAST_LM if not override.startswith("task")),
+        "task=wikitext103",
+        "task.max_length=32",
+        f"task.source.local_path={local}",
+        "task.source.val_fraction=0.2",
+    ]
+    report = train(compose_app("train", overrides, tmp_path / "run"))["report"]
+    assert report["report/perplexity"] > 1.0
