@@ -130,6 +130,12 @@ def test_cli_multirun_over_pruners(tmp_path, launcher):
         "tiny-rt_sentiment-none-s42",
         "tiny-rt_sentiment-topk-s42",
     ]
+    for log in sorted(tmp_path.glob("multirun/*/*/train.log")):  # no terminal: progress as log lines
+        text = log.read_text()
+        assert (
+            "epoch 0 step 6/6 (global step 6): train/loss" in text
+            and "val/accuracy=" in text.split("epoch 0 validation: ")[1]
+        )
 
 
 def test_wandb_logger_runs_offline_and_keeps_the_run_files(tmp_path):

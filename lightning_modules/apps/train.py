@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,7 +36,7 @@ from tokenprune.backbones import assert_same_backbone, load_config, usable_posit
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
 from tokenprune.modules.base import check_task_backbone
-from tokenprune.modules.callbacks import RunSettings, StepSeed
+from tokenprune.modules.callbacks import ProgressLog, RunSettings, StepSeed
 from tokenprune.pruners import build_pruner
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,16 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             RunSettings(run_settings(cfg)),
             *(extra_callbacks or []),
         ]
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=run_dir)
+        terminal = sys.stdout.isatty()  # a redirected log gets progress lines instead of a bar
+        if not terminal:
+            callbacks.append(ProgressLog(int(cfg.trainer.get("log_every_n_steps") or 50)))
+        trainer = instantiate(
+            cfg.trainer,
+            logger=loggers or False,
+            callbacks=callbacks,
+            default_root_dir=run_dir,
+            enable_progress_bar=bool(cfg.trainer.enable_progress_bar) and terminal,
+        )
 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         last = checkpoints["last"].best_model_path or None

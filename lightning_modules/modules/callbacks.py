@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.seed import seed_everything
+
+log = logging.getLogger(__name__)
 
 
 class StepSeed(L.Callback):
@@ -36,3 +40,45 @@ class RunSettings(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[self.KEY] = self.settings
+
+
+class ProgressLog(L.Callback):
+    """Training progress as log lines every `every` steps and after each validation: what a log
+    redirected to a file (SLURM jobs, nohup) shows, where a terminal progress bar writes nothing."""
+
+    def __init__(self, every: int = 50) -> None:
+        if every < 1:
+            raise ValueError(f"progress every={every} must be >= 1")
+        self.every = every
+        self.started = time.monotonic()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.monotonic()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        done, total = batch_idx + 1, trainer.num_training_batches
+        if done % self.every and done != total:
+            return
+        loss = trainer.callback_metrics.get("train/loss")
+        seconds = (time.monotonic() - self.started) / done
+        log.info(
+            "epoch %d step %d/%s (global step %d): train/loss %s, %.2f s/step",
+            trainer.current_epoch,
+            done,
+            total,
+            trainer.global_step,
+            f"{float(loss):.4f}" if loss is not None else "n/a",
+            seconds,
+        )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and "/layer_" not in k and v.numel() == 1
+        }
+        log.info("epoch %d validation: %s", trainer.current_epoch, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
