@@ -141,10 +141,12 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         def latency(pruner_cfg: dict[str, Any]) -> float:
             """Wall time of a configuration over the stock model's (interleaved), cached per device."""
             identity = f"latency:{device}:{cache_key('val', pruner_cfg)}"
-            if identity not in store:
-                speedup = measure([pruner_cfg], latency_batches())[0]
-                store.add(identity, {"latency_ratio": 1 / speedup, "device": device, "pruner": pruner_cfg})
-            return float(store.get(identity)["latency_ratio"])
+            if identity in store:
+                return float(store.get(identity)["latency_ratio"])
+            speedup = measure([pruner_cfg], latency_batches())[0]
+            return store.add(identity, {"latency_ratio": 1 / speedup, "device": device, "pruner": pruner_cfg})[
+                "latency_ratio"
+            ]
 
         context = SearchContext(
             module.dims, template, data.lengths["val"], score, module.pruner, measure, main, mode, latency
