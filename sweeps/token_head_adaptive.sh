@@ -8,6 +8,7 @@
 #   START=outputs/train/.../checkpoints/last.ckpt bash sweeps/token_head_adaptive.sh   # skip fine-tuning
 #   ITERATIONS=30 MUTATIONS=30 CROSSOVERS=30 bash sweeps/token_head_adaptive.sh   # the paper's search size
 #   EXTRA="backbone=mobilebert task=sst2 trainer=gpu" bash sweeps/token_head_adaptive.sh   # the paper's setting
+#   METHODS="tokens joint" bash sweeps/token_head_adaptive.sh   # a subset of the three
 #
 # Rerunning after a kill with the same START and TOKENPRUNE_OUTPUTS skips the finished trainings
 # (results.json written) and searches (front.csv written); a killed search resumes from its cache.
@@ -23,6 +24,7 @@ ITERATIONS=${ITERATIONS:-8}
 MUTATIONS=${MUTATIONS:-10}
 CROSSOVERS=${CROSSOVERS:-10}
 BUDGETS=${BUDGETS:-0.3,0.4,0.5,0.6}
+METHODS=${METHODS:-tokens heads joint}
 EXTRA=${EXTRA:-}
 source "$(dirname "$0")/checks.sh"
 need_int FINETUNE_EPOCHS 1
@@ -47,7 +49,8 @@ if [[ -z $START ]]; then
 fi
 
 fronts=()
-for prune in tokens heads joint; do
+for prune in $METHODS; do
+  [[ $prune =~ ^(tokens|heads|joint)$ ]] || { echo "METHODS: '$prune' is not one of tokens, heads, joint" >&2; exit 2; }
   # a rerun with the same TOKENPRUNE_OUTPUTS skips finished trainings and searches
   if ! ls "$root"/train/that-$prune/*/results.json > /dev/null 2>&1; then
     tokenprune-train run_name="that-$prune" pruner=token_head_adaptive module=token_head_adaptive \
