@@ -25,6 +25,7 @@ LAYERS = [
     ("tokenprune.modules",),
     ("tokenprune.search",),
     ("tokenprune.apps",),
+    ("hydra_plugins.tokenprune_launcher",),
 ]
 
 
@@ -72,7 +73,7 @@ MODULES = package_modules()
 
 def test_distribution_installs_only_the_tokenprune_namespace():
     top_level = {name for name, dists in importlib.metadata.packages_distributions().items() if "tokenprune" in dists}
-    assert top_level == {"tokenprune"}
+    assert top_level == {"tokenprune", "hydra_plugins"}  # hydra_plugins: where Hydra looks for launchers
     assert set(MODULES) >= {"tokenprune.engine.encoder", "tokenprune.search.evolution", "tokenprune.apps.train"}
 
 

@@ -146,24 +146,31 @@ def test_wandb_logger_runs_offline_and_keeps_the_run_files(tmp_path):
     assert results["report"]["report/flops_ratio"] < 1.0
 
 
-def test_slurm_launcher_config_composes_with_cluster_settings(tmp_path):
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["hydra/launcher=slurm"], (1, 1, None, 4, 1)),
+        (["slurm=cpu", "hydra.launcher.partition=debug"], (1, 1, None, 4, 1)),
+        (["slurm=cpu", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], (2, 1, None, 4, 1)),
+        (["slurm=gpu", "trainer=gpu"], (1, 8, 1, 32, 8)),
+        (["slurm=gpu_node", "trainer.devices=4"], (4, 8, 4, 0, 8)),
+    ],
+)
+def test_slurm_presets_size_the_jobs(overrides, expected):
+    """(tasks_per_node, cpus_per_task, gpus_per_node, mem_gb, threads); gpu_node runs DDP with one task per GPU."""
     from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_module(version_base="1.3", config_module="tokenprune.conf"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "hydra/launcher=slurm",
-                "hydra.launcher.partition=gpu",
-                "trainer=ddp",
-                "hydra.launcher.timeout_min=60",
-            ],
-            return_hydra_config=True,
-        )
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher.partition, launcher.gpus_per_node, launcher.mem_gb, launcher.timeout_min) == ("gpu", 1, 32, 60)
-    assert cfg.trainer.strategy == "ddp" and cfg.trainer.use_distributed_sampler is False
+    assert launcher._target_ == "hydra_plugins.tokenprune_launcher.TokenpruneSlurmLauncher"
+    assert {"partition", "account", "qos", "timeout_min", "mem_gb", "max_num_timeout"} <= set(launcher)
+    sizes = (launcher.tasks_per_node, launcher.cpus_per_task, launcher.gpus_per_node, launcher.mem_gb)
+    assert (*sizes, cfg.get("threads") or 1) == expected
+    if "slurm=gpu_node" in overrides:
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.precision == "bf16-mixed"
 
 
 @pytest.mark.parametrize("debug", ["fdr", "limit"])

@@ -7,11 +7,14 @@ searches, modules) check their own ranges with `tokenprune.checks`, also before 
 Output folders: a run never writes into a folder that holds another run's outputs. Hydra is told
 not to write `.hydra/` or a log file itself (`hydra.output_subdir: null`, console-only logging in
 the primary configs); `claimed_run_dir` does both once the folder is known to be free, so a refused
-run writes nothing at all.
+run writes nothing at all. The claim (`.hydra/claim.json`) names the SLURM job that made it: the
+same job, requeued after preemption or a timeout, may reopen its folder (and resumes from its own
+last.ckpt); any other run is refused. DDP ranks other than 0 claim nothing and write nothing there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,6 +28,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.apps.cluster import job_identity, process_rank
 from tokenprune.config import plain
 
 MISSING = object()
@@ -134,16 +138,33 @@ def check_settings(cfg: DictConfig, schema: Mapping[str, Rule]) -> None:
             rule.check(name, plain(value))
 
 
+CLAIM = Path(".hydra") / "claim.json"
+
+
+def claimed_by_this_job(run_dir: Path) -> bool:
+    """True when `run_dir` was claimed by the SLURM job this process runs in: the job was requeued
+    (preempted or timed out) and this is its next start."""
+    claim = run_dir / CLAIM
+    job = job_identity()
+    return job is not None and claim.is_file() and json.loads(claim.read_text()).get("job") == job
+
+
 @contextmanager
 def claimed_run_dir(run_dir: Path, cfg: DictConfig, outputs: Sequence[str], app: str) -> Iterator[None]:
-    """Refuse a folder holding another run's `outputs`; otherwise create it, save the resolved
-    config (and the command's overrides) to `.hydra/`, and log to `<app>.log` in it while the
-    body runs."""
-    for name in outputs:
-        if (run_dir / name).exists():
-            raise FileExistsError(f"{run_dir / name} exists; refusing to overwrite an earlier run's outputs")
+    """Refuse a folder holding another run's `outputs` (a requeue of the job that claimed it is
+    the same run); otherwise create it, record the claim, save the resolved config (and the
+    command's overrides) to `.hydra/`, and log to `<app>.log` in it while the body runs. DDP ranks
+    other than 0 only run the body."""
+    if process_rank() != 0:
+        yield
+        return
+    if not claimed_by_this_job(run_dir):
+        for name in outputs:
+            if (run_dir / name).exists():
+                raise FileExistsError(f"{run_dir / name} exists; refusing to overwrite an earlier run's outputs")
     saved = run_dir / ".hydra"
     saved.mkdir(parents=True, exist_ok=True)
+    (run_dir / CLAIM).write_text(json.dumps({"job": job_identity(), "app": app}))
     OmegaConf.save(cfg, saved / "config.yaml", resolve=True)
     if HydraConfig.initialized():
         OmegaConf.save(HydraConfig.get().overrides.task, saved / "overrides.yaml")

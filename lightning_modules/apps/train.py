@@ -24,9 +24,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tokenprune.apps.cluster import process_rank, trainer_plugins
 from tokenprune.apps.settings import (
     TRAINER,
     check_settings,
+    claimed_by_this_job,
     claimed_run_dir,
     leaves,
     nothing_left_if_refused,
@@ -130,7 +132,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     """Build everything from `cfg`, fit, test on the report split, write results.json."""
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, run_dir.parent)
+    own_last = Path(cfg.checkpoints.last.dirpath) / f"{cfg.checkpoints.last.filename}.ckpt"
+    if claimed_by_this_job(run_dir) and own_last.is_file():  # requeued (preempted, timed out): continue
+        ckpt_path: str | None = str(own_last)
+    else:
+        ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, run_dir.parent)
     changes: dict[str, list[Any]] = {}
     resumed_step = None
     if ckpt_path is not None:
@@ -167,6 +173,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             logger=loggers or False,
             callbacks=callbacks,
             default_root_dir=run_dir,
+            plugins=trainer_plugins(),
             enable_progress_bar=bool(cfg.trainer.enable_progress_bar) and terminal,
         )
 
@@ -194,8 +201,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         }
         if changes:
             results["resume_changes"] = {"at_step": resumed_step, "settings": changes}
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        summarize(cfg, results["report"])
+        if trainer.is_global_zero:
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            summarize(cfg, results["report"])
         for logger in loggers:
             logger.finalize("success")
         return results
@@ -246,7 +254,8 @@ def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any
             init_from = stages[stage.name]["last_checkpoint"]
         final = stages[cfg.stages[-1].name]
         results = {**final, "run_dir": str(run_dir), "stages": stages}
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if process_rank() == 0:
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         return results
 
 

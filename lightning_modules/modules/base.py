@@ -257,12 +257,12 @@ class TokenPruningModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         loss = self._evaluate(batch, self.val_metrics, self.val_stats)
-        self.log("val/loss", loss, batch_size=batch["labels"].shape[0])
+        self.log("val/loss", loss, batch_size=batch["labels"].shape[0], sync_dist=True)
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """Lightning's test loop runs on the report split; its metrics are logged as `report/*`."""
         loss = self._evaluate(batch, self.report_metrics, self.report_stats)
-        self.log("report/loss", loss, batch_size=batch["labels"].shape[0])
+        self.log("report/loss", loss, batch_size=batch["labels"].shape[0], sync_dist=True)
         if self.pruner is not None and self.hparams["compare_unpruned"]:
             logits, out = self(batch)
             self.update_metrics(self.report_unpruned_metrics, logits, self.targets(batch, out))
@@ -273,7 +273,8 @@ class TokenPruningModule(L.LightningModule):
             if any(metric.update_called for metric in collection.values()):
                 values.update(collection.compute())
                 collection.reset()
-        self.log_dict({k: v.float() for k, v in values.items()})
+        # compute() already gathered every rank's state; sync_dist marks these epoch values as global
+        self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=True)
         metrics.reset()
         stats.reset()
 

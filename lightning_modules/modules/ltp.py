@@ -90,7 +90,8 @@ class LTPModule(TokenPruningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log_dict({f"ltp/threshold/layer_{i}": t for i, t in enumerate(self.pruner.thresholds.detach())})
+        thresholds = self.pruner.thresholds.detach()  # the same on every rank (DDP syncs parameters)
+        self.log_dict({f"ltp/threshold/layer_{i}": t for i, t in enumerate(thresholds)}, sync_dist=True)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         groups = super().parameter_groups()
