@@ -34,8 +34,10 @@ OFFLINE = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENI
 def say(request: pytest.FixtureRequest, line: str) -> None:
     """A line in the test log, whatever the capture mode."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"slurm cluster: {line}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"slurm cluster: {line}")
 
 
 def shell(command: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:

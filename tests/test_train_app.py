@@ -166,7 +166,7 @@ def test_slurm_presets_size_the_jobs(overrides, expected):
     HydraConfig.instance().set_config(cfg)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.tokenprune_launcher.TokenpruneSlurmLauncher"
-    assert {"partition", "account", "qos", "timeout_min", "mem_gb", "max_num_timeout"} <= set(launcher)
+    assert {"partition", "account", "qos", "timeout_min", "mem_gb"} <= set(launcher) and launcher.max_num_timeout == 3
     sizes = (launcher.tasks_per_node, launcher.cpus_per_task, launcher.gpus_per_node, launcher.mem_gb)
     assert (*sizes, cfg.get("threads") or 1) == expected
     if "slurm=gpu_node" in overrides:
