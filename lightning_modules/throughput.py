@@ -60,6 +60,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+AUTOCAST = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # bench `precision` -> autocast dtype
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision as training would run it (`32`: off)."""
+    dtype = AUTOCAST[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _peak_memory_mb(device: torch.device, run: Callable[[], object]) -> float:
+    """Peak GPU memory allocated while `run` executes (NaN off GPU, without running it: CPU
+    allocations have no per-call statistics)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def measure(
     variants: Mapping[str, Callable[[], object]],
     batch_size: int,
@@ -69,8 +89,9 @@ def measure(
     grad: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Time each zero-argument call `variants[name]` (inference mode unless `grad`); repeats are
-    interleaved across variants so that machine noise hits all of them alike. Returns median
-    seconds, sequences/s and the relative spread."""
+    interleaved across variants so that machine noise hits all of them alike, and on a GPU each
+    call is synchronised before the clock stops. Returns median seconds, sequences/s, the
+    relative spread and the peak GPU memory of one call (MB; NaN on CPU)."""
     with torch.inference_mode(not grad):
         return _measure(variants, batch_size, device, warmup, repeats)
 
@@ -82,6 +103,7 @@ def _measure(
         for _ in range(warmup):
             run()
     _sync(device)
+    peak = {name: _peak_memory_mb(device, run) for name, run in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
@@ -94,6 +116,7 @@ def _measure(
             "median_s": statistics.median(samples),
             "seq_per_s": batch_size / statistics.median(samples),
             "spread": (max(samples) - min(samples)) / statistics.median(samples),
+            "peak_mem_mb": peak[name],
         }
         for name, samples in times.items()
     }
@@ -124,5 +147,6 @@ def measure_batches(
     for name in variants:
         median = sum(timing[name]["median_s"] for timing in per_batch)
         spread = sum(timing[name]["spread"] * timing[name]["median_s"] for timing in per_batch) / median
-        result[name] = {"median_s": median, "seq_per_s": sequences / median, "spread": spread}
+        peak = max(timing[name]["peak_mem_mb"] for timing in per_batch)
+        result[name] = {"median_s": median, "seq_per_s": sequences / median, "spread": spread, "peak_mem_mb": peak}
     return result

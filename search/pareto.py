@@ -87,3 +87,34 @@ def plot_fronts(
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_pareto(
+    methods: dict[str, pd.DataFrame],
+    score: str,
+    flops: str,
+    path: Path,
+    title: str,
+    mode: str = "max",
+    unpruned: tuple[float, float] | None = None,
+) -> Path:
+    """Score vs FLOPs per method: every point (faint) and the method's Pareto front as a staircase
+    (the best score reachable at or below each FLOPs level), the unpruned model as a star."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    for index, (name, table) in enumerate(methods.items()):
+        color = f"C{index % 10}"
+        axes.scatter(table[flops], table[score], color=color, alpha=0.3, s=16)
+        front = pareto_front(table, score, flops, mode)
+        axes.step(front[flops], front[score], where="post", color=color, marker="o", label=name)
+    if unpruned is not None:
+        axes.scatter([unpruned[0]], [unpruned[1]], marker="*", s=160, color="black", label="unpruned", zorder=5)
+    axes.set_xlabel("relative FLOPs" if flops == "flops_ratio" else flops)
+    axes.set_ylabel(score)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if methods or unpruned is not None:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -30,6 +30,8 @@ need_int ITERATIONS 1
 need_int MUTATIONS 0
 need_int CROSSOVERS 0
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs}/length_adaptive/$(date +%Y-%m-%d_%H-%M-%S)
+# every run of this sweep (train, search, bench, compare) in one W&B group
+export TOKENPRUNE_GROUP=${TOKENPRUNE_GROUP:-length_adaptive-$(basename "$TOKENPRUNE_OUTPUTS")}
 export WANDB_MODE=${WANDB_MODE:-offline}
 root=$TOKENPRUNE_OUTPUTS
 latest() { ls -t $1 | head -n 1; }

@@ -23,6 +23,8 @@ need_numbers THRESHOLDS 0 1
 need_int SOFT_EPOCHS 1
 need_int HARD_EPOCHS 1
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs}/ltp_vs_baselines/$(date +%Y-%m-%d_%H-%M-%S)
+# every run of this sweep (train, search, bench, compare) in one W&B group
+export TOKENPRUNE_GROUP=${TOKENPRUNE_GROUP:-ltp_vs_baselines-$(basename "$TOKENPRUNE_OUTPUTS")}
 export WANDB_MODE=${WANDB_MODE:-offline}
 root=$TOKENPRUNE_OUTPUTS
 latest() { ls -t $1 | head -n 1; }

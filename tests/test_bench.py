@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from tokenprune.apps.bench import bench_module, run_bench, write_outputs
 from tokenprune.backbones import tokenizer_location
 from tokenprune.search.evaluate import datamodule_for
-from tokenprune.throughput import measure_batches, packed_batch
+from tokenprune.throughput import device_name, measure_batches, packed_batch
 
 
 def test_packed_batch_is_all_real_text():
@@ -52,6 +52,20 @@ def test_bench_table_and_outputs(tmp_path):
     write_outputs(table, cfg)
     rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert len(rows) == 6 and (tmp_path / "bench" / "bench.csv").is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bench_under_mixed_precision_names_the_device_in_every_row(tmp_path, precision, caplog):
+    overrides = ["backbone=tiny", "logger=csv", "batch_sizes=[2]", "lengths=[16,32]", "repeats=1", "warmup=0"]
+    cfg = compose_app("bench", [*overrides, f"precision={precision}", "pruner=topk"], tmp_path / precision)
+    with caplog.at_level("INFO", logger="tokenprune.apps.bench"):
+        table = run_bench(cfg)
+    assert len(table) == 6 and set(table.precision) == {precision}
+    assert set(table.device) == {device_name(torch.device("cpu"))} and table.device.iloc[0].startswith("cpu:")
+    assert table.peak_mem_mb.isna().all()  # allocator statistics exist on GPUs only
+    assert (table.seq_per_s > 0).all() and (table[table.variant == "engine_pruned"].flops_speedup > 1).all()
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bench cell")]
+    assert [line.split(" (")[0] for line in progress] == ["bench cell 1/2", "bench cell 2/2"]
 
 
 def test_bench_refuses_lengths_beyond_positions(tmp_path):

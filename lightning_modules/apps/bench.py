@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import AutoTokenizer
 
+from tokenprune.apps.runs import build_loggers, one_run, training_run_of
 from tokenprune.apps.settings import (
     BENCH,
     check_settings,
@@ -37,12 +39,13 @@ from tokenprune.apps.settings import (
     refusals_as_messages,
 )
 from tokenprune.backbones import tokenizer_location
+from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
 from tokenprune.engine.flops import encoder_macs, unpruned_macs
 from tokenprune.modules.base import TokenPruningModule
 from tokenprune.modules.loading import load_module
 from tokenprune.search.evaluate import datamodule_for
-from tokenprune.throughput import measure, measure_batches, packed_batch
+from tokenprune.throughput import autocast, device_name, measure, measure_batches, packed_batch
 
 log = logging.getLogger(__name__)
 BENCH_OUTPUTS = ("bench.csv", "bench.json")  # what makes a folder another bench run's
@@ -108,8 +111,10 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
         texts = [row for row in instantiate(task["source"])()["report"][task["text_columns"][0]] if row]
         module.model.set_attn_implementation("sdpa")
         rows: list[dict[str, Any]] = []
-        for batch_size in cfg.batch_sizes:
-            for length in cfg.lengths:
+        cells = [(b, n) for b in cfg.batch_sizes for n in cfg.lengths]
+        where = device_name(device)
+        for index, (batch_size, length) in enumerate(cells):
+            with autocast(device, str(cfg.precision)):
                 batches = [
                     {k: v.to(device) for k, v in batch.items()}
                     for batch in bench_batches(module, texts, batch_size, length)
@@ -139,18 +144,31 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
                     speedup = timing["seq_per_s"] / reference
                     rows.append(
                         {
-                            "device": device.type,
+                            "device": where,
+                            "precision": str(cfg.precision),
                             "batch_size": batch_size,
                             "length": length,
                             "variant": variant,
                             "seq_per_s": timing["seq_per_s"],
                             "spread": timing["spread"],
+                            "peak_mem_mb": timing["peak_mem_mb"],
                             "speedup": speedup,
                             "flops_speedup": flops_speedup if pruned else 1.0,
                             "speedup_over_flops_speedup": speedup / (flops_speedup if pruned else 1.0),
                             "kept_tokens": [round(float(k), 1) for k in kept] if pruned else None,
                         }
                     )
+            log.info(
+                "bench cell %d/%d (batch %s, length %s, %s): pruned %.1f seq/s = %.3fx hf_sdpa, FLOPs speedup %.3fx",
+                index + 1,
+                len(cells),
+                batch_size,
+                length,
+                where,
+                timings["engine_pruned"]["seq_per_s"],
+                timings["engine_pruned"]["seq_per_s"] / reference,
+                flops_speedup,
+            )
         return pd.DataFrame(rows)
 
 
@@ -217,15 +235,34 @@ def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "bench.csv", index=False)
     (out / "bench.json").write_text(json.dumps(table.to_dict(orient="records"), indent=2))
-    for node in (cfg.logger or {}).values():
-        logger = instantiate(node)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        if hasattr(logger, "log_table"):  # W&B: the whole table; other loggers get the scalars
-            logger.log_table("bench", dataframe=table.astype(str))
-        if "variant" in table:
-            pruned = table[table.variant == "engine_pruned"]
-            logger.log_metrics({"bench/min_speedup_over_flops_speedup": float(pruned.speedup_over_flops_speedup.min())})
-        logger.finalize("success")
+    trained = read_checkpoint(cfg.checkpoint)["hyper_parameters"] if cfg.checkpoint else None
+    training_run = training_run_of(cfg.checkpoint) if cfg.checkpoint else None
+    with one_run():  # this bench's W&B run ends here
+        for logger in build_loggers(cfg, "bench", training_run=training_run, trained=trained):
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            if hasattr(logger, "log_table"):  # W&B: the whole table, numeric columns stay numeric
+                lists_as_text = {c: table[c].astype(str) for c in LIST_COLUMNS if c in table}
+                logger.log_table("bench", dataframe=table.assign(**lists_as_text))
+            logger.log_metrics(bench_metrics(table))
+            logger.finalize("success")
+
+
+LIST_COLUMNS = ("kept_tokens",)  # per-layer lists: a string cell in the W&B table
+
+
+def bench_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """Every numeric figure of the bench as a W&B/CSV metric, e.g. `bench/b32_l128/engine_pruned/seq_per_s`."""
+    metrics: dict[str, float] = {}
+    if "variant" not in table:  # mode=train: seconds per stage
+        return {f"bench/train/{row.stage}/step_s": float(row.step_s) for row in table.itertuples()}
+    for row in table.itertuples():
+        cell = f"bench/b{row.batch_size}_l{row.length}/{row.variant}"
+        for column in ("seq_per_s", "speedup", "flops_speedup", "speedup_over_flops_speedup", "spread", "peak_mem_mb"):
+            if not math.isnan(value := float(getattr(row, column))):  # peak memory: GPU only
+                metrics[f"{cell}/{column}"] = value
+    pruned = table[table.variant == "engine_pruned"]
+    metrics["bench/min_speedup_over_flops_speedup"] = float(pruned.speedup_over_flops_speedup.min())
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="pkg://tokenprune.conf", config_name="bench")
@@ -243,7 +280,6 @@ def measure_and_write(cfg: DictConfig) -> None:
     else:
         table = run_bench(cfg)
         columns = [
-            "device",
             "batch_size",
             "length",
             "variant",
@@ -252,7 +288,9 @@ def measure_and_write(cfg: DictConfig) -> None:
             "flops_speedup",
             "speedup_over_flops_speedup",
             "spread",
+            "peak_mem_mb",
         ]
+        print(f"device: {table.device.iloc[0]}, precision {cfg.precision}")
         print(table[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     write_outputs(table, cfg)
     log.info("written to %s", cfg.paths.output_dir)

@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
+import wandb
 
-from tokenprune.search.pareto import plot_fronts
+from tokenprune.apps.runs import GROUP_ENV
+from tokenprune.search.pareto import plot_pareto
 
 
 def run_points(pattern: str, label: str, metric: str) -> pd.DataFrame:
@@ -87,19 +90,19 @@ def main() -> None:
         print(budgets.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     (out / "table.md").write_text(markdown)
     unpruned = table["unpruned_score"].dropna().mean() if "unpruned_score" in table else None
-    curves = {name: group for name, group in table.groupby("method")}
-    plot = plot_fronts(
-        curves,
+    plot = plot_pareto(
+        {name: group for name, group in table.groupby("method", sort=False)},
         "score",
         "flops_ratio",
         out / "front.png",
-        "accuracy vs relative FLOPs",
+        f"{args.metric} vs relative FLOPs",
+        mode=args.mode,
         unpruned=None if unpruned is None or pd.isna(unpruned) else (1.0, float(unpruned)),
     )
     if args.wandb:
-        import wandb
-
-        with wandb.init(project="tokenprune", name=out.name, dir=str(out), job_type="compare") as run:
+        group = os.environ.get(GROUP_ENV)  # the sweep's group when a sweep script runs this
+        name = f"compare-{out.name}"
+        with wandb.init(project="tokenprune", name=name, group=group, dir=str(out), job_type="compare") as run:
             run.log({"compare/table": wandb.Table(dataframe=table), "compare/front": wandb.Image(str(plot))})
     print(table.drop(columns="run").to_string(index=False, float_format=lambda x: f"{x:.4f}"))
 

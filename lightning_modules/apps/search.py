@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from tokenprune.apps.runs import build_loggers, log_files_artifact, one_run, training_run_of
 from tokenprune.apps.settings import (
     SEARCH,
     check_settings,
@@ -174,7 +176,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             "main_metric": main,
             "main_mode": mode,
         }
-        write_outputs(cfg, candidates, reported, curves, context.history, summary, strategy)
+        write_outputs(cfg, candidates, reported, curves, context.history, summary, strategy, module.hparams)
         return {"candidates": candidates, "front": reported, "curves": curves, "history": context.history, **summary}
 
 
@@ -200,6 +202,7 @@ def write_outputs(
     history: list[dict[str, float]],
     summary: dict[str, Any],
     strategy: SearchStrategy,
+    trained: Mapping[str, Any],
 ) -> None:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,21 +222,25 @@ def write_outputs(
         unpruned=(summary["report_unpruned_gflops"], summary["report_unpruned_score"]),
     )
     own_plot = strategy.write_outputs(out, candidates)
-    for node in (cfg.logger or {}).values():
-        logger = instantiate(node)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        if own_plot is not None and hasattr(logger, "log_table"):  # the strategy's own table and figure
-            logger.log_table("search/candidates", dataframe=candidates.drop(columns=["pruner"]))
-            logger.log_image("search/strategy_plot", images=[str(own_plot)])
-        for point in history:  # front quality per iteration: convergence is visible
-            logger.log_metrics(
-                {f"search/{k}": v for k, v in point.items() if k != "iteration"}, step=int(point["iteration"])
-            )
-        logger.log_metrics({f"search/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        if hasattr(logger, "log_table"):
-            logger.log_table("search/front", dataframe=front.drop(columns=["pruner"]))
-            logger.log_image("search/front_plot", images=[str(plot)])
-        logger.finalize("success")
+    with one_run():  # this search's W&B run ends here
+        loggers = build_loggers(cfg, "search", training_run=training_run_of(cfg.checkpoint), trained=trained)
+        if cfg.log_artifacts:  # the cache resumes or extends the search
+            cache = Path(summary["cache"])
+            log_files_artifact(loggers, f"search-cache-{cache.stem}", "search-cache", [cache])
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            if own_plot is not None and hasattr(logger, "log_table"):  # the strategy's own table and figure
+                logger.log_table("search/candidates", dataframe=candidates.drop(columns=["pruner"]))
+                logger.log_image("search/strategy_plot", images=[str(own_plot)])
+            for point in history:  # front quality per iteration: convergence is visible
+                logger.log_metrics(
+                    {f"search/{k}": v for k, v in point.items() if k != "iteration"}, step=int(point["iteration"])
+                )
+            logger.log_metrics({f"search/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+            if hasattr(logger, "log_table"):
+                logger.log_table("search/front", dataframe=front.drop(columns=["pruner"]))
+                logger.log_image("search/front_plot", images=[str(plot)])
+            logger.finalize("success")
     columns = ["candidate", "score", "flops_ratio", "gflops", *(["latency_ratio"] if "latency_ratio" in front else [])]
     print(front[columns].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     log.info(

@@ -111,6 +111,7 @@ BENCH = {
     "warmup": Rule(int, 0),
     "repeats": Rule(int, 1),
     "train_batches": Rule(int, 1),
+    "precision": Rule(choices=("32", "bf16", "fp16")),
 }
 
 

@@ -25,6 +25,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tokenprune.apps.cluster import process_rank, trainer_plugins
+from tokenprune.apps.runs import (
+    TRAINING_RUN_KEY,
+    build_loggers,
+    log_files_artifact,
+    one_run,
+    sweep_group,
+    training_run_record,
+)
 from tokenprune.apps.settings import (
     TRAINER,
     check_settings,
@@ -38,7 +46,7 @@ from tokenprune.backbones import assert_same_backbone, load_config, usable_posit
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
 from tokenprune.modules.base import check_task_backbone
-from tokenprune.modules.callbacks import ProgressLog, RunSettings, StepSeed
+from tokenprune.modules.callbacks import CheckpointRecord, ProgressLog, RunSettings, StepSeed
 from tokenprune.pruners import build_pruner
 
 log = logging.getLogger(__name__)
@@ -128,8 +136,14 @@ def resume_changes(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> di
     return changed
 
 
-def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
-    """Build everything from `cfg`, fit, test on the report split, write results.json."""
+def train(
+    cfg: DictConfig,
+    extra_callbacks: list[L.Callback] | None = None,
+    stage: str | None = None,
+    group: str | None = None,
+) -> dict[str, Any]:
+    """Build everything from `cfg`, fit, test on the report split, write results.json; one W&B
+    run (job_type train) per call, named after `stage` within an experiment's stages."""
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     own_last = Path(cfg.checkpoints.last.dirpath) / f"{cfg.checkpoints.last.filename}.ckpt"
@@ -153,9 +167,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     with plain_errors():  # the module checks its own settings before it loads any weights
         module = instantiate(cfg.module)
         datamodule = instantiate(cfg.data)
-    with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"):
+    with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"), one_run():
         with plain_errors():
-            loggers = [instantiate(node) for node in (cfg.logger or {}).values()]
+            loggers = build_loggers(cfg, "train", stage=stage, group=group)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         checkpoints = {name: instantiate(node) for name, node in cfg.checkpoints.items()}
@@ -163,6 +177,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             *checkpoints.values(),
             StepSeed(cfg.seed),
             RunSettings(run_settings(cfg)),
+            CheckpointRecord(TRAINING_RUN_KEY, training_run_record(loggers, run_dir)),
             *(extra_callbacks or []),
         ]
         terminal = sys.stdout.isatty()  # a redirected log gets progress lines instead of a bar
@@ -204,6 +219,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         if trainer.is_global_zero:
             (run_dir / "results.json").write_text(json.dumps(results, indent=2))
             summarize(cfg, results["report"])
+            if cfg.log_artifacts:
+                saved = sorted({Path(p) for p in (last, best) if p})
+                log_files_artifact(loggers, f"model-{cfg.run_name}-{run_dir.name}", "model", saved)
         for logger in loggers:
             logger.finalize("success")
         return results
@@ -242,6 +260,7 @@ def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any
     validate(cfg)
     with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"):
         init_from = cfg.module.get("init_from")
+        group = sweep_group(cfg, fallback=f"{cfg.run_name}-{run_dir.name}")  # the stages share one W&B group
         stages: dict[str, Any] = {}
         for stage in cfg.stages:
             stage_cfg = compose_stage([*command_overrides, *stage.overrides])
@@ -250,7 +269,7 @@ def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any
                 stage_cfg.paths.output_dir = str(run_dir / stage.name)
                 stage_cfg.module.init_from = init_from
             log.info("stage %s: %s", stage.name, " ".join(stage.overrides))
-            stages[stage.name] = train(stage_cfg)
+            stages[stage.name] = train(stage_cfg, stage=stage.name, group=group)
             init_from = stages[stage.name]["last_checkpoint"]
         final = stages[cfg.stages[-1].name]
         results = {**final, "run_dir": str(run_dir), "stages": stages}

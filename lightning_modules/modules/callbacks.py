@@ -42,6 +42,17 @@ class RunSettings(L.Callback):
         checkpoint[self.KEY] = self.settings
 
 
+class CheckpointRecord(L.Callback):
+    """Store a plain-data `record` under `key` in every checkpoint (e.g. the W&B run that trained it)."""
+
+    def __init__(self, key: str, record: dict[str, Any]) -> None:
+        self.key = key
+        self.record = record
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.key] = self.record
+
+
 class ProgressLog(L.Callback):
     """Training progress as log lines every `every` steps and after each validation: what a log
     redirected to a file (SLURM jobs, nohup) shows, where a terminal progress bar writes nothing."""
