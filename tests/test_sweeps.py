@@ -51,6 +51,10 @@ def test_basic_launcher_multirun_logs_one_wandb_run_per_job_in_one_group(basic_s
         assert len(reported) == 1 and reported[0]["report/accuracy"] == pytest.approx(
             result["report"]["report/accuracy"]
         )
+    for log in sorted(basic_sweep.glob("*/train.log")):  # no terminal: progress as log lines
+        text = log.read_text()
+        assert "epoch 0 step 6/6 (global step 6): train/loss" in text
+        assert "val/accuracy=" in text.split("epoch 0 validation: ")[1]
 
 
 def test_multirun_aggregates_its_jobs_into_a_table_fronts_and_a_compare_run(basic_sweep):
