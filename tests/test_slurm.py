@@ -19,8 +19,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from apps import FAST, run_cli
+from wandb_files import runs_under
 
 pytestmark = pytest.mark.slurm
 
@@ -89,18 +91,37 @@ def job_states(job: str, expected: int) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def sweep(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """A two-job multirun through hydra/launcher=slurm with the cpu preset: results by run name."""
+def sweep_dir(cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-job multirun through hydra/launcher=slurm with the cpu preset, logging to W&B (offline)."""
     root = tmp_path_factory.mktemp("sweep")
-    args = ["-m", "hydra/launcher=slurm", *RUN, "pruner=none,topk", f"paths.root={root}"]
+    run = [o.replace("logger=csv", "logger=wandb") for o in RUN]
+    args = ["-m", "hydra/launcher=slurm", *run, "pruner=none,topk,random", f"paths.root={root}"]
     done = run_cli("tokenprune.apps.train", args, root)
     assert done.returncode == 0, done.stderr[-4000:]
-    results = [json.loads(path.read_text()) for path in sorted(root.glob("multirun/*/*/results.json"))]
+    (folder,) = (root / "multirun").iterdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_dir: Path) -> dict[str, dict]:
+    """The sweep's results by run name."""
+    results = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/results.json"))]
     return {result["run_name"]: result for result in results}
 
 
-def test_two_job_sweep_runs_both_jobs_named_after_their_runs(sweep):
-    assert sorted(sweep) == ["tiny-rt_sentiment-none-s42", "tiny-rt_sentiment-topk-s42"]
+def test_sweep_logs_one_wandb_run_per_job_in_one_group_and_aggregates(sweep_dir):
+    runs = runs_under(sweep_dir)
+    trains = [r for r in runs if r.job_type == "train"]
+    assert len(trains) == 3 and len({r.id for r in trains}) == 3
+    assert {r.group for r in runs} == {f"train-{sweep_dir.name}"}
+    assert sorted(r.name.split("[")[1] for r in trains) == ["pruner=none]", "pruner=random]", "pruner=topk]"]
+    assert [r.job_type for r in runs if r.job_type != "train"] == ["compare"]
+    assert sorted(pd.read_csv(sweep_dir / "sweep.csv").pruner) == ["none", "random", "topk"]
+    assert (sweep_dir / "fronts.png").is_file() and "Pareto front" in (sweep_dir / "report.md").read_text()
+
+
+def test_sweep_runs_every_job_named_after_its_run(sweep):
+    assert sorted(sweep) == [f"tiny-rt_sentiment-{p}-s42" for p in ("none", "random", "topk")]
     for name, result in sweep.items():
         job = job_id(Path(result["run_dir"]))
         assert shell(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobName"]).stdout.split() == [name]
