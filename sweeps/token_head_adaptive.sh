@@ -39,6 +39,8 @@ need_int CROSSOVERS 0
 need_numbers BUDGETS 0 1
 if [[ -n $START && ! -f $START ]]; then echo "START=$START is not a checkpoint file" >&2; exit 2; fi
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs/token_head_adaptive/$(date +%Y-%m-%d_%H-%M-%S)}
+# every run of this sweep (train, search, compare) in one W&B group
+export TOKENPRUNE_GROUP=${TOKENPRUNE_GROUP:-token_head_adaptive-$(basename "$TOKENPRUNE_OUTPUTS")}
 export WANDB_MODE=${WANDB_MODE:-offline}
 root=$TOKENPRUNE_OUTPUTS
 latest() { ls -t $1 | head -n 1; }
