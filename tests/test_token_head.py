@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import random
 import shlex
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -25,6 +27,7 @@ from tokenprune.modules.loading import load_module
 from tokenprune.pruners.token_head import TokenHeadPruner, head_cap, ratio_head_gene, sample_head_gene
 from tokenprune.search.context import SearchContext
 from tokenprune.search.evaluate import datamodule_for, evaluate
+from tokenprune.search.token_head import TokenHeadEvolutionarySearch
 
 THAT = [*FAST, "pruner=token_head_adaptive", "module=token_head_adaptive", "task.max_length=64"]
 
@@ -58,17 +61,17 @@ def test_sampled_head_genes_are_non_decreasing_under_the_cap_and_skips_carry():
 def test_pruned_heads_are_the_least_important_and_physically_removed():
     model, adapter = tiny_model("bert")
     ids, mask = random_batch()
-    pruner = TokenHeadPruner(3, 4, reference_length=64, heads_pruned=[1, 3, 0])
+    pruner = TokenHeadPruner(3, 4, reference_length=64, heads_pruned=[1, 2, 0])
     importance = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.4, 0.1, 0.2, 0.8], [1.0, 0.0, 0.0, 0.0]])
     pruner.set_head_importance(importance)
-    assert pruner.kept_heads(0).tolist() == [1, 2, 3] and pruner.kept_heads(1).tolist() == [3]
+    assert pruner.kept_heads(0).tolist() == [1, 2, 3] and pruner.kept_heads(1).tolist() == [0, 3]
     assert pruner.kept_heads(2) is None
     encoder = PrunableEncoder(adapter)
     with torch.no_grad():
         out = encoder(ids, mask, pruner=pruner)
-        explicit = encoder(ids, mask, heads=[torch.tensor([1, 2, 3]), torch.tensor([3]), None])
+        explicit = encoder(ids, mask, heads=[torch.tensor([1, 2, 3]), torch.tensor([0, 3]), None])
     torch.testing.assert_close(out.hidden, explicit.hidden)
-    assert [layer.heads for layer in out.trace] == [3, 1, 4]
+    assert [layer.heads for layer in out.trace] == [3, 2, 4]
     dims = EncoderDims.of(adapter)
     lengths = mask.sum(dim=1)
     d, head_dim, ffn = dims.hidden, dims.head_dim, dims.ffn
@@ -77,12 +80,76 @@ def test_pruned_heads_are_the_least_important_and_physically_removed():
         + 2 * lengths**2 * h * head_dim
         + lengths * h * head_dim * d
         + 2 * lengths * d * ffn
-        for h in (3, 1, 4)
+        for h in (3, 2, 4)
     )
     torch.testing.assert_close(encoder_macs(dims, out.trace), by_hand.double())
     assert bool((encoder_macs(dims, out.trace) < unpruned_macs(dims, lengths)).all())
-    paper = sum(h / 4 * (2 * d * lengths**2 + 4 * d**2 * lengths) + 8 * d**2 * lengths for h in (3, 1, 4))
+    paper = sum(h / 4 * (2 * d * lengths**2 + 4 * d**2 * lengths) + 8 * d**2 * lengths for h in (3, 2, 4))
     torch.testing.assert_close(paper_macs(dims, out.trace), paper.double())
+
+
+def test_slicing_heads_gives_the_logits_of_zeroing_their_context():
+    model, adapter = tiny_model("bert")
+    ids, mask = random_batch()
+    keep = [torch.tensor([0, 2]), torch.tensor([3]), None]
+
+    def zero_pruned_heads(layer: int, context: torch.Tensor) -> torch.Tensor:  # context (B, h, m, d_h)
+        if keep[layer] is None:
+            return context
+        gate = torch.zeros(context.shape[1])
+        gate[keep[layer]] = 1.0
+        return context * gate[None, :, None, None]
+
+    encoder = PrunableEncoder(adapter)
+    with torch.no_grad():
+        sliced = encoder(ids, mask, heads=keep)
+        zeroed = encoder(ids, mask, context_hook=zero_pruned_heads)
+        logits = [adapter.classify(out.hidden) for out in (sliced, zeroed)]
+    assert [layer.heads for layer in sliced.trace] == [2, 1, 4] and [layer.heads for layer in zeroed.trace] == [4] * 3
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
+def test_joint_genes_keep_their_constraints_through_1000_mutations_and_crossovers():
+    """Lengths stay non-increasing in [1, longest]; heads pruned stay non-decreasing, within the cap
+    (so every layer keeps at least one head)."""
+    layers, num_heads, longest = 6, 12, 64
+    search = TokenHeadEvolutionarySearch(prune="joint", population=20, length_drop=0.35)
+    dims = EncoderDims(num_layers=layers, hidden=384, num_heads=num_heads, head_dim=32, ffn=1536)
+    context = SimpleNamespace(dims=dims, max_gene_length=longest)  # what mutate reads of a search context
+    cap, rng = head_cap(layers, num_heads), random.Random(0)
+    population = [((longest - 10 * i // 3,) * layers, tuple(min(i // 4, c) for c in cap)) for i in range(12)]
+    for step in range(1000):
+        parent = rng.choice(population)
+        child = search.mutate(parent, rng, context) if step % 2 else search.crossover(parent, rng.choice(population))
+        lengths, heads = child
+        assert all(a >= b for a, b in zip(lengths, lengths[1:])) and lengths[-1] >= 1 and lengths[0] <= longest
+        assert all(a <= b for a, b in zip(heads, heads[1:])) and all(0 <= h <= c for h, c in zip(heads, cap))
+        assert all(num_heads - h >= 1 for h in heads)
+        population.append(child)
+    assert len(set(population)) > 200
+
+
+def test_head_importance_is_deterministic_for_a_seed_and_reads_every_batch():
+    module = instantiate(compose_app("train", THAT, Path("/tmp/that-det")).module)  # dropout on
+    batches = []
+    for seed in range(3):
+        ids, mask = random_batch(batch=2, length=12, seed=seed)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])})
+    read: list[int] = []
+
+    class Loader(list):
+        def __iter__(self):
+            for index, batch in enumerate(super().__iter__()):
+                read.append(index)
+                yield batch
+
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(that_module.head_importance(module, Loader(batches)))
+    assert torch.equal(runs[0], runs[1]) and read == [0, 1, 2, 0, 1, 2]
+    torch.manual_seed(7)
+    assert not torch.equal(runs[0], that_module.head_importance(module, Loader(batches[:2])))  # the last batch counts
 
 
 def test_pruning_heads_without_importance_is_refused():
@@ -160,6 +227,19 @@ def test_sandwich_caches_importance_beside_the_start_and_saves_it_in_the_checkpo
     )
 
 
+def test_an_importance_file_of_another_checkpoint_is_refused_and_kept(that_run, tmp_path):
+    start = tmp_path / "start.ckpt"  # the same bytes: the same cache file name
+    shutil.copyfile(that_run["finetuned"], start)
+    (cached,) = Path(that_run["finetuned"]).parent.glob("*.head-importance-*.json")
+    foreign = json.loads(cached.read_text())
+    foreign["identity"]["checkpoint_sha256"] = "0" * 64
+    planted = tmp_path / cached.name.replace(Path(that_run["finetuned"]).name, start.name)
+    planted.write_text(json.dumps(foreign))
+    with pytest.raises(ValueError, match=r"holds the head importance of another checkpoint .*checkpoint_sha256"):
+        train(compose_app("train", [*THAT, f"module.init_from={start}"], tmp_path / "refused"))
+    assert json.loads(planted.read_text()) == foreign
+
+
 @pytest.mark.parametrize("prune", ["joint", "heads", "tokens"])
 def test_sub_models_prune_what_module_prune_says(tmp_path, prune):
     module = instantiate(compose_app("train", [*THAT, f"module.prune={prune}"], tmp_path / "m").module)
@@ -201,6 +281,20 @@ def test_joint_search_front_flops_and_bench_commands(that_run, tmp_path):
     front = pd.read_csv(tmp_path / "joint" / "front.csv")
     assert front.bench.str.contains("pruner=token_head_adaptive").all()
     assert front.bench.str.contains("pruner.heads_pruned=").all()
+
+
+def test_killed_joint_search_resumes_with_nothing_evaluated_twice(that_run, tmp_path, monkeypatch):
+    checkpoint = that_run["last_checkpoint"]
+    full = that_search(checkpoint, tmp_path / "full")
+    cache = Path(full["cache"])
+    lines = cache.read_text().splitlines()
+    kept = len(lines) // 2
+    cache.write_text("\n".join(lines[:kept]) + "\n" + lines[kept][: len(lines[kept]) // 2])  # killed mid-write
+    scored = record_search_evaluations(monkeypatch)
+    resumed = that_search(checkpoint, tmp_path / "resumed")
+    assert len(scored) == len(set(scored)) == resumed["evaluated"] == full["evaluated"] - kept
+    assert resumed["cache_hits"] >= kept and resumed["cache_size"] == full["cache_size"]
+    pd.testing.assert_frame_equal(resumed["front"].drop(columns="key"), full["front"].drop(columns="key"))
 
 
 def test_head_only_search_keeps_full_lengths_and_its_bench_command_removes_heads(that_run, tmp_path):
@@ -260,6 +354,7 @@ def test_search_refuses_a_length_adaptive_checkpoint(tmp_path, that_run):
     [
         ("pruner.heads_pruned=[0,4,0]", r"every entry must be in \[0, 3\]"),
         ("pruner.heads_pruned=[0,1]", "has 2 entries; the backbone has 3 layers"),
+        ("pruner.heads_pruned=[2,0,0]", r"breaks the cap: layer l may lose at most \[1, 2, 3\]\[l\] heads"),
         ("module.prune=everything", "module.prune=everything is not one of: joint, tokens, heads"),
     ],
 )

@@ -164,10 +164,16 @@ class TokenHeadAdaptiveModule(LengthAdaptiveModule):
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(f"{self.hparams['init_from']}.head-importance-{key}.json")
         if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("identity") == identity:
-                log.info("head importance from %s", path)
-                return torch.tensor(saved["importance"], dtype=torch.float32)
+            saved = json.loads(path.read_text()).get("identity") or {}
+            if saved != identity:
+                differs = ", ".join(sorted(k for k in identity if saved.get(k) != identity[k]))
+                raise ValueError(
+                    f"{path} holds the head importance of another checkpoint or data ({differs} differ from "
+                    f"module.init_from={self.hparams['init_from']} and this task); it is not overwritten: "
+                    f"move it away to measure the importance again"
+                )
+            log.info("head importance from %s", path)
+            return torch.tensor(json.loads(path.read_text())["importance"], dtype=torch.float32)
         importance = head_importance(self, loader)
         partial = path.with_suffix(".tmp")
         partial.write_text(json.dumps({"identity": identity, "importance": importance.tolist()}, indent=1))

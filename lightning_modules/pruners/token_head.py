@@ -30,7 +30,8 @@ HeadGene = tuple[int, ...]
 def check_head_gene(
     heads: Sequence[int], num_layers: int, num_heads: int, name: str = "pruner.heads_pruned"
 ) -> HeadGene:
-    """Validate heads pruned per layer: one entry per layer, each in [0, H - 1]."""
+    """Validate heads pruned per layer: one entry per layer, each in [0, H - 1] and at most the
+    layer's cap (`head_cap`: what training and search ever prune there)."""
     gene = tuple(int(count) for count in heads)
     if len(gene) != num_layers:
         raise ValueError(f"{name}={list(gene)} has {len(gene)} entries; the backbone has {num_layers} layers")
@@ -39,6 +40,9 @@ def check_head_gene(
             f"{name}={list(gene)}: every entry must be in [0, {num_heads - 1}] "
             f"(the backbone has {num_heads} heads; the most important one always stays)"
         )
+    cap = head_cap(num_layers, num_heads)
+    if any(count > most for count, most in zip(gene, cap)):
+        raise ValueError(f"{name}={list(gene)} breaks the cap: layer l may lose at most {list(cap)}[l] heads")
     return gene
 
 
