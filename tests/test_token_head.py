@@ -334,6 +334,9 @@ def test_latency_objective_search_runs_and_caches_timings_per_device(that_run, t
     rerun = run_search(compose_app("search", overrides, tmp_path / "latency-again"))
     assert not searched(scored)
     assert rerun["candidates"].latency_ratio.tolist() == candidates.latency_ratio.tolist(), "timings from the cache"
+    with pytest.raises(ValueError, match="search.objective=speed is not one of: flops, latency"):
+        that_search(that_run["last_checkpoint"], tmp_path / "speed", "search.objective=speed")
+    assert not (tmp_path / "speed").exists(), "refused before any output"
 
 
 def test_search_refuses_a_length_adaptive_checkpoint(tmp_path, that_run):
