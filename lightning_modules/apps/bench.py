@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import AutoTokenizer
 
-from tokenprune.apps.runs import build_loggers, one_run, training_run_of
+from tokenprune.apps.runs import TRAINING_RUN_KEY, build_loggers, one_run
 from tokenprune.apps.settings import (
     BENCH,
     check_settings,
@@ -235,8 +235,8 @@ def write_outputs(table: pd.DataFrame, cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "bench.csv", index=False)
     (out / "bench.json").write_text(json.dumps(table.to_dict(orient="records"), indent=2))
-    trained = read_checkpoint(cfg.checkpoint)["hyper_parameters"] if cfg.checkpoint else None
-    training_run = training_run_of(cfg.checkpoint) if cfg.checkpoint else None
+    checkpoint = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else {}  # read once: settings and training run
+    trained, training_run = checkpoint.get("hyper_parameters"), checkpoint.get(TRAINING_RUN_KEY)
     with one_run():  # this bench's W&B run ends here
         for logger in build_loggers(cfg, "bench", training_run=training_run, trained=trained):
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
