@@ -121,9 +121,8 @@ SUMMARY = (
 )
 
 
-def best_per_method(table: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """Each method's Pareto front (score vs relative FLOPs) as rows."""
-    scored = table.dropna(subset=["score", "flops_ratio"]) if "score" in table else table.iloc[0:0]
+def best_per_method(scored: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Each method's Pareto front (score vs relative FLOPs) as rows, from the scored points."""
     fronts = [pareto_front(group, "score", "flops_ratio", mode) for _, group in scored.groupby("method", sort=False)]
     return pd.concat(fronts, ignore_index=True) if fronts else scored
 
@@ -143,7 +142,8 @@ def aggregate(sweep_dir: Path, out: Path | None = None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     table = sweep_table(sweep_dir)
     mode = sweep_mode(sweep_dir)
-    fronts = best_per_method(table, mode)
+    scored = table.dropna(subset=["score", "flops_ratio"]) if "score" in table else table.iloc[0:0]
+    fronts = best_per_method(scored, mode)
     table.to_csv(out / "sweep.csv", index=False)
     markdown = (
         f"# Sweep {sweep_dir.name}\n\n{len(table.job.unique())} jobs, folder `{sweep_dir}`.\n\n"
@@ -151,7 +151,6 @@ def aggregate(sweep_dir: Path, out: Path | None = None) -> dict[str, Path]:
         f"![fronts](fronts.png)\n\n## Every job\n\n{markdown_table(table)}\n"
     )
     (out / "report.md").write_text(markdown)
-    scored = table.dropna(subset=["score", "flops_ratio"]) if "score" in table else table.iloc[0:0]
     plot = plot_pareto(
         {name: group for name, group in scored.groupby("method", sort=False)},
         "score",
