@@ -66,6 +66,9 @@ def test_pruned_heads_are_the_least_important_and_physically_removed():
     pruner.set_head_importance(importance)
     assert pruner.kept_heads(0).tolist() == [1, 2, 3] and pruner.kept_heads(1).tolist() == [0, 3]
     assert pruner.kept_heads(2) is None
+    pruner.set_head_importance(importance.flip(1))  # the ranking follows a changed importance
+    assert pruner.kept_heads(0).tolist() == [0, 1, 2] and pruner.kept_heads(1).tolist() == [0, 3]
+    pruner.set_head_importance(importance)
     encoder = PrunableEncoder(adapter)
     with torch.no_grad():
         out = encoder(ids, mask, pruner=pruner)

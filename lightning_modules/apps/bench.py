@@ -42,6 +42,7 @@ from tokenprune.backbones import tokenizer_location
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
 from tokenprune.engine.flops import encoder_macs, unpruned_macs
+from tokenprune.engine.kernels import set_cpu_linear
 from tokenprune.modules.base import TokenPruningModule
 from tokenprune.modules.loading import load_module
 from tokenprune.search.evaluate import datamodule_for
@@ -101,6 +102,7 @@ def bench_batches(
 def run_bench(cfg: DictConfig) -> pd.DataFrame:
     """Measure every (batch size, length) cell; one row per variant."""
     check_settings(cfg, BENCH)
+    set_cpu_linear(str(cfg.cpu_linear))
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
@@ -146,6 +148,7 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
                         {
                             "device": where,
                             "precision": str(cfg.precision),
+                            "cpu_linear": str(cfg.cpu_linear) if device.type == "cpu" else None,
                             "batch_size": batch_size,
                             "length": length,
                             "variant": variant,

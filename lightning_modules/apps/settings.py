@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.apps.cluster import job_identity, process_rank
 from tokenprune.config import plain
+from tokenprune.engine.kernels import CPU_LINEAR_KERNELS
 
 MISSING = object()
 
@@ -112,6 +113,7 @@ BENCH = {
     "repeats": Rule(int, 1),
     "train_batches": Rule(int, 1),
     "precision": Rule(choices=("32", "bf16", "fp16")),
+    "cpu_linear": Rule(choices=CPU_LINEAR_KERNELS),
 }
 
 

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from tokenprune.engine.adapters import EncoderAdapter, LayerParts, Projection, T5EncoderAdapter
 from tokenprune.engine.attention import attention_with_scores, chunked_attention_applies, softmax_attention
+from tokenprune.engine.heads import HeadSlicer
+from tokenprune.engine.kernels import inference_kernels
 from tokenprune.engine.pruner import TokenPruner
 from tokenprune.engine.scoring import score_vector
 from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
@@ -28,21 +30,16 @@ from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
 ContextHook = Callable[[int, Tensor], Tensor]  # (layer index, context (B, h, m, d_h)) -> context
 
 
-def _project(projection: Projection, x: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
+def _project(projection: Projection, x: Tensor, heads: Tensor | None, slicer: HeadSlicer) -> Tensor:
     """Q/K/V projection of x (B, n, d) to (B, h, n, d_h), computing only the rows of `heads`."""
-    weight, bias = projection.weight, projection.bias
-    if heads is not None:
-        weight = weight.view(-1, head_dim, weight.shape[-1])[heads].flatten(0, 1)
-        bias = bias.view(-1, head_dim)[heads].flatten() if bias is not None else None
+    weight, bias = (projection.weight, projection.bias) if heads is None else slicer.rows(projection, heads)
     out = F.linear(x, weight, bias)
-    return out.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+    return out.view(*x.shape[:2], -1, slicer.head_dim).transpose(1, 2)
 
 
-def _out_project(projection: Projection, context: Tensor, heads: Tensor | None, head_dim: int) -> Tensor:
+def _out_project(projection: Projection, context: Tensor, heads: Tensor | None, slicer: HeadSlicer) -> Tensor:
     """Output projection of context (B, h, m, d_h) to (B, m, d), using the columns of `heads`."""
-    weight = projection.weight
-    if heads is not None:
-        weight = weight.view(weight.shape[0], -1, head_dim)[:, heads].flatten(1, 2)
+    weight = projection.weight if heads is None else slicer.columns(projection, heads)
     return F.linear(context.transpose(1, 2).flatten(2), weight, projection.bias)
 
 
@@ -67,6 +64,7 @@ class PrunableEncoder:
 
     def __init__(self, adapter: EncoderAdapter) -> None:
         self.adapter = adapter
+        self.head_slicer = HeadSlicer(adapter.head_dim)
 
     def __call__(
         self,
@@ -89,7 +87,25 @@ class PrunableEncoder:
         context_hook: `hook(layer, context) -> context` on each layer's per-head attention
             context (B, h, m, d_h) before the output projection (head importance reads its
             gradient through it); None costs nothing.
+        A CPU pass without autograd computes its linear layers with the kernel engine/kernels.py
+        chooses (oneDNN by default).
         """
+        with inference_kernels(input_ids.device):
+            return self._encode(
+                input_ids, attention_mask, token_type_ids, pruner, heads, skip_layers, restore, context_hook
+            )
+
+    def _encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None,
+        pruner: TokenPruner | None,
+        heads: Sequence[Tensor | None] | None,
+        skip_layers: Collection[int],
+        restore: bool,
+        context_hook: ContextHook | None,
+    ) -> EncoderOutput:
         adapter = self.adapter
         state = TokenState.start(adapter.embed(input_ids, token_type_ids), attention_mask)
         batch, length, width = state.hidden.shape
@@ -138,16 +154,16 @@ class PrunableEncoder:
         """One layer over `state`; bias is the adapter's additive attention term for its tokens;
         hook: the layer's context hook (see __call__)."""
         adapter = self.adapter
-        head_dim = adapter.head_dim
+        slicer = self.head_slicer
         x = state.hidden
         n_heads = heads.numel() if heads is not None else adapter.num_heads
         training = adapter.model.training
         dropout = parts.attention_dropout if training else 0.0
         inputs = parts.attention_inputs
         query_key_input, value_input, residual = (x, x, x) if inputs is None else inputs(x)
-        query = _project(parts.query, query_key_input, heads, head_dim)
-        key = _project(parts.key, query_key_input, heads, head_dim)
-        value = _project(parts.value, value_input, heads, head_dim)
+        query = _project(parts.query, query_key_input, heads, slicer)
+        key = _project(parts.key, query_key_input, heads, slicer)
+        value = _project(parts.value, value_input, heads, slicer)
         if heads is not None and bias.shape[1] > 1:  # a per-head bias (T5): the kept heads' rows
             bias = bias[:, heads]
         n_in = state.lengths
@@ -196,7 +212,7 @@ class PrunableEncoder:
         trace = LayerTrace(
             n_in, n_in if scored else n_out, n_out, n_heads, scored=scored, scores=scores, score_mask=state.mask
         )
-        return state.select(slots, new_mask, hidden), trace
+        return state.select(slots, new_mask, hidden, n_out), trace
 
     def _select(self, pruner: TokenPruner, index: int, scores: Tensor | None, state: TokenState) -> Tensor:
         """The pruner's decision (B, n). Pruners keep slot 0; when the adapter protects each row's
@@ -230,7 +246,7 @@ class PrunableEncoder:
         may read the layer input again: MobileBERT's output bottleneck), for the given rows."""
         if hook is not None:
             context = hook(context)
-        projected = _out_project(parts.out_proj, context, heads, self.adapter.head_dim)
+        projected = _out_project(parts.out_proj, context, heads, self.head_slicer)
         return parts.feed_forward(parts.add_and_norm(projected, residual), layer_input)
 
 

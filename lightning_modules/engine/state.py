@@ -22,18 +22,22 @@ class TokenState:
     mask: Tensor
     positions: Tensor
     input_lengths: Tensor
+    known_lengths: Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(cls, hidden: Tensor, attention_mask: Tensor) -> TokenState:
         batch, length = attention_mask.shape
         positions = torch.arange(length, device=hidden.device).expand(batch, length)
         mask = attention_mask.bool()
-        return cls(hidden=hidden, mask=mask, positions=positions, input_lengths=mask.sum(dim=1))
+        lengths = mask.sum(dim=1)
+        return cls(hidden=hidden, mask=mask, positions=positions, input_lengths=lengths, known_lengths=lengths)
 
     @property
     def lengths(self) -> Tensor:
-        """Real tokens per example, (B,)."""
-        return self.mask.sum(dim=1)
+        """Real tokens per example, (B,); counted once per state (every layer reads it)."""
+        if self.known_lengths is None:
+            self.known_lengths = self.mask.sum(dim=1)
+        return self.known_lengths
 
     def additive_mask(self, dtype: torch.dtype, causal: bool = False) -> Tensor:
         """Mask to add to attention logits: 0 where a query may attend, dtype-min elsewhere.
@@ -62,13 +66,14 @@ class TokenState:
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
         return order, keep.gather(1, order)
 
-    def select(self, index: Tensor, new_mask: Tensor, hidden: Tensor) -> TokenState:
-        """State for the kept slots `index` whose new hidden states are `hidden` (B, m, d)."""
-        return TokenState(hidden, new_mask, self.positions.gather(1, index), self.input_lengths)
+    def select(self, index: Tensor, new_mask: Tensor, hidden: Tensor, new_lengths: Tensor | None = None) -> TokenState:
+        """State for the kept slots `index` whose new hidden states are `hidden` (B, m, d);
+        new_lengths: new_mask's row sums, when the caller has counted them."""
+        return TokenState(hidden, new_mask, self.positions.gather(1, index), self.input_lengths, new_lengths)
 
     def with_hidden(self, hidden: Tensor) -> TokenState:
         """Same tokens, new hidden states."""
-        return TokenState(hidden, self.mask, self.positions, self.input_lengths)
+        return TokenState(hidden, self.mask, self.positions, self.input_lengths, self.known_lengths)
 
     def newest_first(self) -> tuple[TokenState, Tensor]:
         """This state with each row's newest (last real) token moved to slot 0, the other tokens
@@ -82,6 +87,7 @@ class TokenState:
             self.mask.gather(1, order),
             self.positions.gather(1, order),
             self.input_lengths,
+            self.known_lengths,
         )
         return view, order
 

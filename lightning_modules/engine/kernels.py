@@ -1,0 +1,74 @@
+"""Which CPU kernel computes the linear layers of an engine pass without autograd.
+
+PyTorch's fp32 `F.linear` on CPU calls MKL's sgemm. oneDNN's inner product (the kernel PyTorch's
+compiler gives frozen CPU linears, `torch.ops.mkldnn._linear_pointwise`) computes the same map
+and measured 15-30% faster on this project's 2-core AMD EPYC machine for the engine's shapes,
+most at the few rows per batch of late pruned layers (README "Measured"; MKL is known to pick
+slower code paths on non-Intel CPUs). With `cpu_linear=onednn` (the default where PyTorch has
+oneDNN) every fp32 linear of a CPU inference pass, the HF modules' included, runs on oneDNN;
+training (autograd), autocast and GPUs keep `F.linear`. `aten` keeps `F.linear` everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from tokenprune.checks import check_choice
+
+CPU_LINEAR_KERNELS = ("onednn", "aten")
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_cpu_linear = "onednn" if ONEDNN_AVAILABLE else "aten"
+
+
+def set_cpu_linear(kernel: str) -> None:
+    """Choose the kernel of CPU inference linears for this process (`onednn` or `aten`)."""
+    global _cpu_linear
+    check_choice("cpu_linear", kernel, CPU_LINEAR_KERNELS)
+    if kernel == "onednn" and not ONEDNN_AVAILABLE:
+        raise ValueError("cpu_linear=onednn needs a PyTorch build with oneDNN (mkldnn); use cpu_linear=aten")
+    _cpu_linear = kernel
+
+
+def cpu_linear() -> str:
+    """The kernel CPU inference linears use now."""
+    return _cpu_linear
+
+
+def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    fp32_cpu = (x.dtype, x.device.type, weight.dtype) == (torch.float32, "cpu", torch.float32)
+    return fp32_cpu and x.dim() >= 2 and weight.dim() == 2 and (bias is None or bias.dtype == torch.float32)
+
+
+class _OneDnnLinear(TorchFunctionMode):
+    """F.linear -> oneDNN's inner product for fp32 CPU tensors; every other call unchanged."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _onednn_serves(x, weight, bias):
+                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return func(*args, **kwargs)
+
+
+def inference_kernels(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """The kernel context of one engine pass on `device`: oneDNN linears for a CPU pass that
+    records no autograd graph and runs no autocast (when `cpu_linear` is onednn), else nothing."""
+    if (
+        _cpu_linear == "onednn"
+        and device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        return _OneDnnLinear()
+    return contextlib.nullcontext()

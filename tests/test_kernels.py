@@ -1,0 +1,81 @@
+"""The CPU inference linear kernel (engine/kernels.py): same map as F.linear, used only where it may be."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_batch, tiny_model
+from torch.profiler import ProfilerActivity, profile
+
+from tokenprune.engine import PrunableEncoder
+from tokenprune.engine.kernels import ONEDNN_AVAILABLE, cpu_linear, inference_kernels, set_cpu_linear
+from tokenprune.pruners.static import TopKPruner
+
+needs_onednn = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture
+def kernel():
+    """Restore the process's kernel choice after a test changes it."""
+    before = cpu_linear()
+    yield set_cpu_linear
+    set_cpu_linear(before)
+
+
+def linear_ops(run) -> set[str]:
+    """Names of the linear kernels `run` executes."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return {event.key for event in prof.key_averages() if event.key in ("aten::addmm", "mkldnn::_linear_pointwise")}
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [(1, 7), (3, 5, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_onednn_linear_equals_f_linear_on_sliced_weights(kernel, rows, with_bias):
+    kernel("onednn")
+    x = torch.randn(*rows[:-1], 48)
+    weight = torch.randn(12, 4, 48)[torch.tensor([0, 2, 3])].flatten(0, 1)  # head rows, as the engine slices them
+    columns = torch.randn(48, 12)[:, 2:10]  # a strided column slice
+    bias = torch.randn(12) if with_bias else None
+    with torch.no_grad():
+        expected = F.linear(x, weight, bias), F.linear(x[..., :8], columns)
+        with inference_kernels(torch.device("cpu")):
+            got = F.linear(x, weight, bias), F.linear(x[..., :8], columns)
+            assert linear_ops(lambda: F.linear(x, weight, bias)) == {"mkldnn::_linear_pointwise"}
+    for value, reference in zip(got, expected):
+        torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_engine_inference_runs_onednn_and_matches_aten(kernel):
+    model, adapter = tiny_model("bert")
+    encoder = PrunableEncoder(adapter)
+    ids, mask = random_batch(batch=3, length=20)
+    pruner = TopKPruner(adapter.num_layers, keep_ratio=0.5, start_layer=1)
+    results, ops = {}, {}
+    with torch.inference_mode():
+        for name in ("onednn", "aten"):
+            kernel(name)
+            results[name] = encoder(ids, mask, pruner=pruner).hidden
+            ops[name] = linear_ops(lambda: encoder(ids, mask, pruner=pruner))
+    assert ops == {"onednn": {"mkldnn::_linear_pointwise"}, "aten": {"aten::addmm"}}
+    torch.testing.assert_close(results["onednn"], results["aten"], atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_training_and_autocast_keep_f_linear(kernel):
+    kernel("onednn")
+    _, adapter = tiny_model("bert")
+    encoder = PrunableEncoder(adapter)
+    ids, mask = random_batch(batch=2, length=12)
+    assert linear_ops(lambda: encoder(ids, mask).hidden.sum().backward()) == {"aten::addmm"}
+    assert all(p.grad is not None for p in adapter.model.base_model.encoder.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: encoder(ids, mask))
+
+
+def test_unknown_kernel_is_refused_naming_the_setting(kernel):
+    with pytest.raises(ValueError, match=r"cpu_linear=mkl is not one of: onednn, aten"):
+        kernel("mkl")
