@@ -9,7 +9,7 @@ from conftest import random_batch, tiny_model
 from torch.profiler import ProfilerActivity, profile
 
 from tokenprune.engine import PrunableEncoder
-from tokenprune.engine.kernels import ONEDNN_AVAILABLE, cpu_linear, inference_kernels, set_cpu_linear
+from tokenprune.engine.kernels import ONEDNN_AVAILABLE, cpu_linear, pass_kernels, set_cpu_linear
 from tokenprune.pruners.static import TopKPruner
 
 needs_onednn = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
@@ -41,8 +41,10 @@ def test_onednn_linear_equals_f_linear_on_sliced_weights(kernel, rows, with_bias
     bias = torch.randn(12) if with_bias else None
     with torch.no_grad():
         expected = F.linear(x, weight, bias), F.linear(x[..., :8], columns)
-        with inference_kernels(torch.device("cpu")):
-            got = F.linear(x, weight, bias), F.linear(x[..., :8], columns)
+        kernels = pass_kernels(torch.device("cpu"))
+        got = kernels.linear(x, weight, bias), kernels.linear(x[..., :8], columns)
+        assert linear_ops(lambda: kernels.linear(x, weight, bias)) == {"mkldnn::_linear_pointwise"}
+        with kernels.modules():  # the HF modules' nn.Linear layers
             assert linear_ops(lambda: F.linear(x, weight, bias)) == {"mkldnn::_linear_pointwise"}
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-5)

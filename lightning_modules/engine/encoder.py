@@ -22,7 +22,7 @@ from torch import Tensor
 from tokenprune.engine.adapters import EncoderAdapter, LayerParts, Projection, T5EncoderAdapter
 from tokenprune.engine.attention import attention_with_scores, chunked_attention_applies, softmax_attention
 from tokenprune.engine.heads import HeadSlicer
-from tokenprune.engine.kernels import inference_kernels
+from tokenprune.engine.kernels import PassKernels, pass_kernels
 from tokenprune.engine.pruner import TokenPruner
 from tokenprune.engine.scoring import score_vector
 from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
@@ -30,17 +30,21 @@ from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
 ContextHook = Callable[[int, Tensor], Tensor]  # (layer index, context (B, h, m, d_h)) -> context
 
 
-def _project(projection: Projection, x: Tensor, heads: Tensor | None, slicer: HeadSlicer) -> Tensor:
+def _project(
+    projection: Projection, x: Tensor, heads: Tensor | None, slicer: HeadSlicer, kernels: PassKernels
+) -> Tensor:
     """Q/K/V projection of x (B, n, d) to (B, h, n, d_h), computing only the rows of `heads`."""
     weight, bias = (projection.weight, projection.bias) if heads is None else slicer.rows(projection, heads)
-    out = F.linear(x, weight, bias)
+    out = kernels.linear(x, weight, bias)
     return out.view(*x.shape[:2], -1, slicer.head_dim).transpose(1, 2)
 
 
-def _out_project(projection: Projection, context: Tensor, heads: Tensor | None, slicer: HeadSlicer) -> Tensor:
+def _out_project(
+    projection: Projection, context: Tensor, heads: Tensor | None, slicer: HeadSlicer, kernels: PassKernels
+) -> Tensor:
     """Output projection of context (B, h, m, d_h) to (B, m, d), using the columns of `heads`."""
     weight = projection.weight if heads is None else slicer.columns(projection, heads)
-    return F.linear(context.transpose(1, 2).flatten(2), weight, projection.bias)
+    return kernels.linear(context.transpose(1, 2).flatten(2), weight, projection.bias)
 
 
 def _rows(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
@@ -90,23 +94,8 @@ class PrunableEncoder:
         A CPU pass without autograd computes its linear layers with the kernel engine/kernels.py
         chooses (oneDNN by default).
         """
-        with inference_kernels(input_ids.device):
-            return self._encode(
-                input_ids, attention_mask, token_type_ids, pruner, heads, skip_layers, restore, context_hook
-            )
-
-    def _encode(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        token_type_ids: Tensor | None,
-        pruner: TokenPruner | None,
-        heads: Sequence[Tensor | None] | None,
-        skip_layers: Collection[int],
-        restore: bool,
-        context_hook: ContextHook | None,
-    ) -> EncoderOutput:
         adapter = self.adapter
+        kernels = pass_kernels(input_ids.device)
         state = TokenState.start(adapter.embed(input_ids, token_type_ids), attention_mask)
         batch, length, width = state.hidden.shape
         full = state.hidden.new_zeros(batch, length + 1, width) if restore else None  # Drop-and-Restore buffer
@@ -123,7 +112,7 @@ class PrunableEncoder:
                 full = self._write_back(full, state)
             hook = functools.partial(context_hook, index) if context_hook is not None else None
             kept, layer_trace = self._layer(
-                index, adapter.layer(index), state, bias, pruner if prune else None, layer_heads, hook
+                index, adapter.layer(index), state, bias, pruner if prune else None, layer_heads, kernels, hook
             )
             if kept.positions is not state.positions:  # tokens were removed: the bias follows them
                 bias = adapter.attention_bias(kept, kept.hidden.dtype)
@@ -149,10 +138,11 @@ class PrunableEncoder:
         bias: Tensor,
         pruner: TokenPruner | None,
         heads: Tensor | None,
+        kernels: PassKernels,
         hook: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[TokenState, LayerTrace]:
         """One layer over `state`; bias is the adapter's additive attention term for its tokens;
-        hook: the layer's context hook (see __call__)."""
+        kernels: the pass's linear kernels; hook: the layer's context hook (see __call__)."""
         adapter = self.adapter
         slicer = self.head_slicer
         x = state.hidden
@@ -160,17 +150,21 @@ class PrunableEncoder:
         training = adapter.model.training
         dropout = parts.attention_dropout if training else 0.0
         inputs = parts.attention_inputs
-        query_key_input, value_input, residual = (x, x, x) if inputs is None else inputs(x)
-        query = _project(parts.query, query_key_input, heads, slicer)
-        key = _project(parts.key, query_key_input, heads, slicer)
-        value = _project(parts.value, value_input, heads, slicer)
+        if inputs is None:
+            query_key_input, value_input, residual = x, x, x
+        else:
+            with kernels.modules():
+                query_key_input, value_input, residual = inputs(x)
+        query = _project(parts.query, query_key_input, heads, slicer, kernels)
+        key = _project(parts.key, query_key_input, heads, slicer, kernels)
+        value = _project(parts.value, value_input, heads, slicer, kernels)
         if heads is not None and bias.shape[1] > 1:  # a per-head bias (T5): the kept heads' rows
             bias = bias[:, heads]
         n_in = state.lengths
 
         if pruner is None:
             context = self._attend(query, key, value, bias, parts, dropout)
-            hidden = self._finish(parts, context, residual, x, heads, hook)
+            hidden = self._finish(parts, context, residual, x, heads, kernels, hook)
             return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
 
         probs = scores = full_context = None
@@ -191,7 +185,7 @@ class PrunableEncoder:
                     if probs is not None
                     else self._attend(query, key, value, bias, parts, dropout)
                 )
-            hidden = self._finish(parts, full_context, residual, x, heads, hook) * decision[..., None]
+            hidden = self._finish(parts, full_context, residual, x, heads, kernels, hook) * decision[..., None]
             trace = LayerTrace(
                 n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision, scores=scores, score_mask=state.mask
             )
@@ -207,7 +201,7 @@ class PrunableEncoder:
             context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, parts, dropout)
         kept_input = _rows(x, slots, dim=1)
         kept_residual = kept_input if residual is x else _rows(residual, slots, dim=1)
-        hidden = self._finish(parts, context, kept_residual, kept_input, heads, hook)
+        hidden = self._finish(parts, context, kept_residual, kept_input, heads, kernels, hook)
         n_out = new_mask.sum(dim=1)
         trace = LayerTrace(
             n_in, n_in if scored else n_out, n_out, n_heads, scored=scored, scores=scores, score_mask=state.mask
@@ -240,14 +234,16 @@ class PrunableEncoder:
         residual: Tensor,
         layer_input: Tensor,
         heads: Tensor | None,
+        kernels: PassKernels,
         hook: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Output projection, add-and-norm with the attention residual, then the FFN block (which
         may read the layer input again: MobileBERT's output bottleneck), for the given rows."""
         if hook is not None:
             context = hook(context)
-        projected = _out_project(parts.out_proj, context, heads, self.head_slicer)
-        return parts.feed_forward(parts.add_and_norm(projected, residual), layer_input)
+        projected = _out_project(parts.out_proj, context, heads, self.head_slicer, kernels)
+        with kernels.modules():
+            return parts.feed_forward(parts.add_and_norm(projected, residual), layer_input)
 
 
 def seq2seq_logits(

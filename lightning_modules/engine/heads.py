@@ -21,17 +21,9 @@ from tokenprune.engine.adapters import Projection
 
 
 def _source_key(tensor: Tensor) -> tuple[Hashable, ...]:
-    """What identifies the values of `tensor`: its storage owner, the view geometry and the
+    """What identifies the values of `tensor`: where its data starts, its view geometry and the
     version counter (which in-place updates such as optimizer steps or checkpoint loads bump)."""
-    return (
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tensor.stride(),
-        tensor._version,
-        tensor.dtype,
-        tensor.device,
-    )
+    return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor._version
 
 
 class HeadSlicer:

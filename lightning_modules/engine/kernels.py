@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,8 +47,13 @@ def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return fp32_cpu and x.dim() >= 2 and weight.dim() == 2 and (bias is None or bias.dtype == torch.float32)
 
 
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class _OneDnnLinear(TorchFunctionMode):
-    """F.linear -> oneDNN's inner product for fp32 CPU tensors; every other call unchanged."""
+    """F.linear -> oneDNN's inner product for fp32 CPU tensors; every other call unchanged. A mode
+    sees every torch call made under it, so it is entered only around the HF modules a layer calls."""
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
@@ -57,18 +63,32 @@ class _OneDnnLinear(TorchFunctionMode):
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if _onednn_serves(x, weight, bias):
-                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+                return _onednn_linear(x, weight, bias)
         return func(*args, **kwargs)
 
 
-def inference_kernels(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """The kernel context of one engine pass on `device`: oneDNN linears for a CPU pass that
-    records no autograd graph and runs no autocast (when `cpu_linear` is onednn), else nothing."""
-    if (
+@dataclass(frozen=True)
+class PassKernels:
+    """The linear kernel of one engine pass: `linear` for the engine's own projections,
+    `modules()` as the context of the HF modules it calls (their nn.Linear layers)."""
+
+    onednn: bool
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self.onednn and _onednn_serves(x, weight, bias):
+            return _onednn_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    def modules(self) -> contextlib.AbstractContextManager[object]:
+        return _OneDnnLinear() if self.onednn else contextlib.nullcontext()
+
+
+def pass_kernels(device: torch.device) -> PassKernels:
+    """The kernels of one engine pass on `device`: oneDNN linears for a CPU pass that records no
+    autograd graph and runs no autocast (when `cpu_linear` is onednn), else F.linear."""
+    return PassKernels(
         _cpu_linear == "onednn"
         and device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
-    ):
-        return _OneDnnLinear()
-    return contextlib.nullcontext()
+    )
