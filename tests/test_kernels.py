@@ -44,8 +44,10 @@ def test_onednn_linear_equals_f_linear_on_sliced_weights(kernel, rows, with_bias
         kernels = pass_kernels(torch.device("cpu"))
         got = kernels.linear(x, weight, bias), kernels.linear(x[..., :8], columns)
         assert linear_ops(lambda: kernels.linear(x, weight, bias)) == {"mkldnn::_linear_pointwise"}
-        with kernels.modules():  # the HF modules' nn.Linear layers
+        with kernels.modules():  # the HF modules' nn.Linear layers, whichever way they pass arguments
             assert linear_ops(lambda: F.linear(x, weight, bias)) == {"mkldnn::_linear_pointwise"}
+            by_name = F.linear(input=x, weight=weight, bias=bias)
+        torch.testing.assert_close(by_name, expected[0], atol=1e-5, rtol=1e-5)
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-5)
 
