@@ -89,7 +89,8 @@ def measure(
     grad: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Time each zero-argument call `variants[name]` (inference mode unless `grad`); repeats are
-    interleaved across variants so that machine noise hits all of them alike, and on a GPU each
+    interleaved across variants, forward and reversed in turn, so that machine noise and the
+    previous call's leftovers hit all of them alike, and on a GPU each
     call is synchronised before the clock stops. Returns median seconds, sequences/s, the
     relative spread and the peak GPU memory of one call (MB; NaN on CPU)."""
     with torch.inference_mode(not grad):
@@ -105,8 +106,12 @@ def _measure(
     _sync(device)
     peak = {name: _peak_memory_mb(device, run) for name, run in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
+    names = list(variants)
+    for repeat in range(repeats):
+        # odd rounds run the variants in reverse order, so that no variant always follows the same
+        # one (what ran just before a call can change its time: caches, thread pools)
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            run = variants[name]
             start = time.perf_counter()
             run()
             _sync(device)

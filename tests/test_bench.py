@@ -120,6 +120,8 @@ def test_split_timing_interleaves_variants_batch_by_batch():
     batches = [{"input_ids": torch.zeros(2, 3), "id": 0}, {"input_ids": torch.zeros(3, 3), "id": 1}]
     timings = measure_batches(variants, batches, torch.device("cpu"), warmup=1, repeats=3)
     assert [batch for _, batch in calls] == [0] * 8 + [1] * 8, "every variant of a batch before the next batch"
-    assert [name for name, _ in calls[:8]] == ["fast", "slow"] * 4, "warm-up, then repeats alternating the variants"
+    assert [name for name, _ in calls[:8]] == ["fast", "slow"] * 2 + ["slow", "fast", "fast", "slow"], (
+        "warm-up, then repeats interleaving the variants, forward and reversed in turn"
+    )
     assert timings["slow"]["median_s"] >= 2 * 0.002 > timings["fast"]["median_s"]
     assert timings["slow"]["seq_per_s"] == pytest.approx(5 / timings["slow"]["median_s"])
