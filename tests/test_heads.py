@@ -47,4 +47,4 @@ def test_engine_with_the_cache_equals_slicing_afresh_across_batches_and_families
                 cached = encoder(ids, mask, heads=heads).hidden
             fresh = encoder(ids, mask, heads=heads).hidden.detach()  # gradients on: sliced afresh
             torch.testing.assert_close(cached, fresh, atol=1e-6, rtol=1e-6)
-        assert encoder.head_slicer._cache, "inference passes used the cache"
+        assert 0 < len(encoder.head_slicer._cache) <= 7 * adapter.num_layers, "one configuration's slices, cached"

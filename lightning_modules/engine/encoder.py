@@ -68,7 +68,7 @@ class PrunableEncoder:
 
     def __init__(self, adapter: EncoderAdapter) -> None:
         self.adapter = adapter
-        self.head_slicer = HeadSlicer(adapter.head_dim)
+        self.head_slicer = HeadSlicer(adapter.head_dim, capacity=7 * adapter.num_layers)
 
     def __call__(
         self,

@@ -29,11 +29,13 @@ def _source_key(tensor: Tensor) -> tuple[Hashable, ...]:
 class HeadSlicer:
     """Q/K/V rows and output-projection columns of kept attention heads, cached at inference.
 
-    capacity: (weight, heads) pairs kept, least recently used dropped first; a search visits
-    many head configurations, a benchmark or an evaluation repeats one.
+    capacity: slices kept, least recently used dropped first. The engine keeps one head
+    configuration's worth (at most 7 per layer: Q/K/V rows and biases, out-projection columns), so
+    the cache never holds more than the model's attention weights: an evaluation or a benchmark
+    repeats one configuration, a search moves from one to the next.
     """
 
-    def __init__(self, head_dim: int, capacity: int = 256) -> None:
+    def __init__(self, head_dim: int, capacity: int = 64) -> None:
         self.head_dim = head_dim
         self.capacity = capacity
         self._cache: OrderedDict[tuple[Hashable, ...], tuple[weakref.ref[Tensor], Tensor]] = OrderedDict()
