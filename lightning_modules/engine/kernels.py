@@ -5,8 +5,9 @@ compiler gives frozen CPU linears, `torch.ops.mkldnn._linear_pointwise`) compute
 and measured 15-30% faster on this project's 2-core AMD EPYC machine for the engine's shapes,
 most at the few rows per batch of late pruned layers (README "Measured"; MKL is known to pick
 slower code paths on non-Intel CPUs). With `cpu_linear=onednn` (the default where PyTorch has
-oneDNN) every fp32 linear of a CPU inference pass, the HF modules' included, runs on oneDNN;
-training (autograd), autocast and GPUs keep `F.linear`. `aten` keeps `F.linear` everywhere.
+oneDNN) every fp32 linear of a CPU inference pass's layers (the engine's projections and the
+HF modules a layer calls) runs on oneDNN; training (autograd), autocast and GPUs keep `F.linear`.
+`aten` keeps `F.linear` everywhere.
 """
 
 from __future__ import annotations
