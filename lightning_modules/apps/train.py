@@ -45,6 +45,7 @@ from tokenprune.apps.settings import (
 from tokenprune.backbones import assert_same_backbone, load_config, usable_positions
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
+from tokenprune.data.sources import check_local_files
 from tokenprune.modules.base import check_task_backbone
 from tokenprune.modules.callbacks import CheckpointRecord, ProgressLog, RunSettings, StepSeed
 from tokenprune.pruners import build_pruner
@@ -85,6 +86,7 @@ def validate(cfg: DictConfig) -> None:
     """Fail on bad settings before any data or weights are loaded or any training starts."""
     check_settings(cfg, TRAINER)
     check_task_backbone(plain(cfg.task), plain(cfg.backbone))
+    check_local_files(plain(cfg.task.source))
     config = load_config(cfg.backbone, int(cfg.task.num_labels))
     limit = usable_positions(config)
     if not 1 < cfg.task.max_length <= limit:

