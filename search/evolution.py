@@ -6,7 +6,9 @@ from the sandwich's smallest sub-model (with `fraction` lengths, the smallest ge
 full model, plus the full gene; each of G iterations keeps the Pareto front of everything
 evaluated and adds n_m mutations (each layer resampled with probability p inside the bounds that
 keep the gene non-increasing) and n_c crossovers (element-wise ceil of the mean of two front
-genes); only genes inside the FLOPs bounds are evaluated. Gene entries range over
+genes); only genes inside the FLOPs bounds are evaluated (`flops_min=smallest`: none below the
+smallest sub-model's FLOPs, as the reference, so the front stays where training went; the default
+0 lets the front extend below it). Gene entries range over
 [1, context.max_gene_length]. ConstantRatioSearch is the paper's Figure-2 baseline: the same model at
 constant keep ratios.
 """
@@ -89,7 +91,7 @@ class EvolutionarySearch(SearchStrategy):
         mutation_prob: float = 0.5,
         population: int = 10,
         length_drop: float = 0.2,
-        flops_min: float = 0.0,
+        flops_min: float | str = 0.0,
         flops_max: float = 1.0,
         seed: int = 0,
         objective: str = "flops",
@@ -103,6 +105,14 @@ class EvolutionarySearch(SearchStrategy):
             )
         check_range("search.mutation_prob", mutation_prob, 0.0, 1.0, low_open=True)
         check_drop_prob("search.length_drop", length_drop)
+        self.floor_at_smallest = flops_min == "smallest"
+        if self.floor_at_smallest:
+            flops_min = 0.0  # raised to the smallest sub-model's FLOPs once the search knows them
+        if isinstance(flops_min, str) or isinstance(flops_max, str):
+            raise ValueError(
+                f"search.flops_min={flops_min!r}, search.flops_max={flops_max!r}: numbers "
+                "(flops_min may also be 'smallest', the smallest sub-model's FLOPs)"
+            )
         if not 0 <= flops_min < flops_max:
             raise ValueError(f"search.flops_min={flops_min} must be >= 0 and below search.flops_max={flops_max}")
         self.iterations, self.mutations, self.crossovers = iterations, mutations, crossovers
@@ -120,7 +130,13 @@ class EvolutionarySearch(SearchStrategy):
                 f"search.flops_max={self.flops_max} is below the smallest length configuration's "
                 f"relative FLOPs ({smallest_flops:.3f}); raise it or lower search.length_drop"
             )
+        self.raise_floor(smallest_flops)
         return list(dict.fromkeys([*self.ratio_genes(context, smallest_flops), (longest,) * layers]))
+
+    def raise_floor(self, smallest_flops: float) -> None:
+        """With flops_min=smallest, genes below the smallest sub-model's FLOPs are out of bounds."""
+        if self.floor_at_smallest:
+            self.flops_min = smallest_flops * (1 - 1e-9)  # the smallest gene itself stays in
 
     def ratio_genes(self, context: SearchContext, floor: float) -> list[Gene]:
         """`population` constant-ratio length genes spread evenly in FLOPs from `floor` (or

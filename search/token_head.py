@@ -56,6 +56,7 @@ class TokenHeadEvolutionarySearch(EvolutionarySearch):
                 f"search.flops_max={self.flops_max} is below the smallest sub-model's relative FLOPs "
                 f"({floor:.3f}); raise it or lower search.length_drop"
             )
+        self.raise_floor(floor)
         lengths = self.ratio_genes(context, floor) if self.prune != "heads" else [full] * self.population
         ratios = np.linspace(1, heads, self.population + 2)[1:-1]
         head_genes = [

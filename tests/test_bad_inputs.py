@@ -52,6 +52,9 @@ TRAIN_SETTINGS = [
     ([], "task.max_length", [("1000", "outside"), ("1", "outside"), ("x", "must be an integer")]),
     ([], "task.num_labels", [("0", "outside"), ("two", "must be an integer")]),
     (["task=rt_sentiment_rank"], "task.answers", [("[negative,positive]", "with a seq2seq backbone")]),
+    (["task=spam_assassin", "task.max_length=128"], "task.source.root", [("/nowhere", "run `make data`")]),
+    (["pruner=ltp", "module=ltp"], "module.penalty_positions", [("all", "is not one of")]),
+    (["pruner=ltp"], "pruner.start_layer", [("3", "outside"), ("-1", "outside")]),
     ([], "trainer.max_epochs", [("-1", "outside"), ("x", "must be an integer"), ("1.5", "must be an integer")]),
     ([], "trainer.max_steps", [("-5", "outside"), ("x", "must be an integer")]),
     ([], "trainer.accumulate_grad_batches", [("0", "outside")]),
@@ -91,7 +94,7 @@ TRAIN_CASES = [
 @pytest.mark.parametrize(("overrides", "setting", "message"), TRAIN_CASES)
 def test_train_refuses_bad_setting_before_any_work(tmp_path, overrides, setting, message):
     run_dir = tmp_path / "run"
-    with pytest.raises((ValueError, TypeError)) as error:
+    with pytest.raises((ValueError, TypeError, FileNotFoundError)) as error:
         train(compose_app("train", [*FAST, *overrides], run_dir))
     assert setting in str(error.value) and re.search(message, str(error.value)), error.value
     assert not run_dir.exists(), "a refused run writes nothing"

@@ -128,6 +128,13 @@ def test_spatten_schedule_reaches_final_ratio():
     assert pruner.ratios == pytest.approx([0.8125, 0.625, 0.4375, 0.25])
 
 
+@pytest.mark.parametrize(("layers", "unpruned"), [(3, 2), (6, 3), (12, 3), (24, 4)])
+def test_topk_start_layer_null_is_the_ltp_papers_baseline(layers, unpruned):
+    """The LTP paper's top-k leaves the first max(3, ceil(0.15 L)) layers unpruned (within the model)."""
+    ratios = TopKPruner(layers, keep_ratio=0.5, start_layer=None).ratios
+    assert ratios == [1.0] * unpruned + [0.5] * (layers - unpruned)
+
+
 def test_layer_drop_skips_layers_and_costs_nothing():
     _, adapter = tiny_model("bert")
     ids, mask = random_batch()
@@ -183,3 +190,24 @@ def test_layers_that_would_keep_everything_skip_the_score():
         one_token * 7, one_token, pruner=TopKPruner(3, keep_ratio=0.5, start_layer=0)
     ).trace
     assert not any(t.scored for t in trace)
+
+
+def test_scores_after_dropout_rank_the_dropped_attention():
+    """The references scored attention after dropout (DESIGN.md s.5): a training pass's scores then
+    no longer average 1 over real tokens; in evaluation the setting changes nothing."""
+    model, adapter = tiny_model("bert", attention_probs_dropout_prob=0.5)
+    ids, mask = random_batch()
+
+    def first_layer_means(after: bool) -> torch.Tensor:
+        pruner = TopKPruner(adapter.num_layers, keep_ratio=0.5, start_layer=0)
+        pruner.scores_after_dropout = after
+        torch.manual_seed(0)
+        with torch.no_grad():
+            trace = PrunableEncoder(adapter)(ids, mask, pruner=pruner).trace[0]
+        return trace.scores.sum(dim=1) / trace.score_mask.sum(dim=1)
+
+    model.train()
+    torch.testing.assert_close(first_layer_means(False), torch.ones(4))
+    assert (first_layer_means(True) - 1).abs().max() > 0.01
+    model.eval()
+    torch.testing.assert_close(first_layer_means(True), torch.ones(4))

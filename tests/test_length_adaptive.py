@@ -21,6 +21,7 @@ from tokenprune.modules.loading import load_module
 from tokenprune.pruners.length import LengthConfigPruner, check_gene, constant_ratio_gene, sample_gene, smallest_gene
 from tokenprune.search.context import SearchContext
 from tokenprune.search.evaluate import datamodule_for
+from tokenprune.search.evolution import EvolutionarySearch
 
 LAT = [*FAST, "pruner=length_adaptive", "module=length_adaptive", "task.max_length=64"]
 
@@ -48,11 +49,11 @@ def test_sandwich_lengths_start_from_the_batch_padded_length(tmp_path):
     module = instantiate_module(tmp_path, ["module.length_drop=0.3", "module.num_sandwich=5"])
     mask = torch.zeros(2, 64, dtype=torch.long)
     mask[0, :40], mask[1, :25] = 1, 1
-    models = module.sub_models(mask)
+    models = module.sub_models(mask, random.Random(0))
     assert models[0][0].gene == smallest_gene(3, 40, 0.3) and len(models) == 6
     assert all(max(pruner.gene) <= 40 and pruner.length_unit == "tokens" for pruner, _ in models)
     fraction = instantiate_module(tmp_path, ["pruner.length_unit=fraction"])
-    assert fraction.sub_models(mask)[0][0].gene == smallest_gene(3, 64, 0.2), (
+    assert fraction.sub_models(mask, random.Random(0))[0][0].gene == smallest_gene(3, 64, 0.2), (
         "fraction lengths start from task.max_length"
     )
 
@@ -272,3 +273,53 @@ def test_drop_and_restore_token_task_end_to_end(tmp_path):
         logits, out = module(batch, pruner=module.pruner)
     assert logits.shape[:2] == batch["input_ids"].shape, "Drop-and-Restore returns one row per input token"
     assert out.trace[-1].n_out.max() < batch["attention_mask"].sum(dim=1).max()
+
+
+def test_reference_min_length_and_layer_drop_on_every_pass(tmp_path):
+    """experiment=length_adaptive_reference: LengthDrop never samples below min_length, and
+    LayerDrop reaches the full model and the smallest sub-model too (DESIGN.md s.5)."""
+    rng = random.Random(0)
+    genes = [sample_gene(6, 10, 0.9, rng, min_length=2) for _ in range(200)]
+    assert min(min(gene) for gene in genes) == 2
+    assert smallest_gene(4, 100, 0.5, skipped={1}, min_length=2) == (50, 50, 25, 13)
+    batch = {"input_ids": torch.randint(5, 100, (2, 20)), "attention_mask": torch.ones(2, 20, dtype=torch.long)}
+    batch["labels"] = torch.tensor([0, 1])
+    for passes, skips_everywhere in (("all", True), ("random", False)):
+        module = instantiate_module(
+            tmp_path, ["module.layer_drop=0.95", f"module.layer_drop_passes={passes}", "module.min_length=2"]
+        )
+        calls: list[set[int]] = []
+        forward = module.forward
+        module.forward = lambda b, pruner=None, **engine: (
+            calls.append(engine.get("skip_layers", set())) or forward(b, pruner, **engine)
+        )
+        torch.manual_seed(0)
+        module.training_step(batch, 0)
+        full, smallest, *randoms = calls
+        assert all(randoms) and (bool(full) and bool(smallest)) == skips_everywhere
+    for override, message in (
+        ("module.layer_drop_passes=some", r"module\.layer_drop_passes=some is not one of: random, all"),
+        ("module.min_length=0", r"module\.min_length=0 must be an integer >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train(compose_app("train", [*LAT, override], tmp_path / "bad"))
+
+
+def test_reference_search_keeps_genes_above_the_smallest_sub_model():
+    """search=evolution_reference (flops_min=smallest): no candidate below the FLOPs of the
+    smallest sub-model sandwich training saw; the default bound (0) goes below it."""
+    _, adapter = tiny_model("bert")
+
+    def score(name: str, config: dict) -> dict:  # a stand-in accuracy that grows with the lengths kept
+        flops = context.gene_flops(tuple(config["lengths"]))
+        return {"score": flops**0.5, "flops_ratio": flops}
+
+    context = SearchContext(EncoderDims.of(adapter), LengthConfigPruner(3, None, 64, "tokens"), [10, 30, 25, 40], score)
+    floor = context.sandwich_floor_flops(0.2)
+    settings = {"iterations": 3, "mutations": 8, "crossovers": 4, "population": 4, "length_drop": 0.2}
+    reference = EvolutionarySearch(flops_min="smallest", **settings).run(context)
+    assert min(record["flops_ratio"] for record in reference) >= floor * (1 - 1e-9)
+    default = EvolutionarySearch(**settings).run(context)
+    assert min(record["flops_ratio"] for record in default) < floor
+    with pytest.raises(ValueError, match=r"search\.flops_min='lowest'"):
+        EvolutionarySearch(flops_min="lowest")

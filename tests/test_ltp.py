@@ -122,3 +122,45 @@ def test_cli_runs_soft_and_hard_from_a_finetuned_checkpoint(tmp_path):
     assert list(results["stages"]) == ["soft", "hard"]
     soft = torch.load(results["stages"]["soft"]["last_checkpoint"], weights_only=False)
     assert soft["hyper_parameters"]["init_from"] == finetuned
+
+
+def test_reference_penalty_skips_layer_zero_and_counts_padded_positions(tmp_path):
+    """experiment=ltp_reference: layer 0 is never masked or penalised; the penalty's mean runs over
+    B x task.max_length positions, padding counting sigmoid(-theta/T) (DESIGN.md s.5)."""
+    from hydra.utils import instantiate
+
+    overrides = [*FAST, "experiment=ltp_reference", "task.max_length=40", "pruner.final_threshold=0.01"]
+    module = instantiate(compose_app("train", overrides, tmp_path / "m").module)
+    pruner = module.pruner
+    pruner.soft = True
+    ids, mask = random_batch(batch=4, length=24)
+    out = module.encoder(ids, mask, pruner=pruner)
+    assert out.trace[0].soft_mask is None and all(t.soft_mask is not None for t in out.trace[1:])
+    padded = module.mask_penalty(out.trace)
+    padded.backward()
+    assert pruner.offset.grad[0] == 0 and (pruner.offset.grad[1:] != 0).all()
+    real = sum((t.soft_mask * t.score_mask).sum() / t.score_mask.sum() for t in out.trace[1:])
+    module.hparams["penalty_positions"] = "real"
+    torch.testing.assert_close(module.mask_penalty(out.trace), real)
+    gap = 4 * 40 - mask.sum()  # padding plus the positions up to task.max_length
+    expected = sum(
+        ((t.soft_mask * t.score_mask).sum() + gap * torch.sigmoid(-pruner.thresholds[i] / pruner.temperature))
+        / (4 * 40)
+        for i, t in enumerate(out.trace)
+        if i > 0
+    )
+    torch.testing.assert_close(padded, expected)
+
+
+def test_retrained_topk_baseline_trains_with_pruning_from_the_finetuned_start(tmp_path):
+    """experiment=retrained_baseline: the LTP paper's top-k baseline (first max(3, ceil(0.15 L))
+    layers unpruned, here all but the last of 3), retrained pruned after fine-tuning."""
+    overrides = [*FAST, "experiment=retrained_baseline", "pruner=topk", "pruner.start_layer=null", "epochs.pruned=1"]
+    results = train_stages(compose_app("train", overrides, tmp_path / "rb"), overrides)
+    stages = results["stages"]
+    assert list(stages) == ["finetune", "pruned"]
+    pruned = torch.load(stages["pruned"]["last_checkpoint"], weights_only=True)
+    finetuned = torch.load(stages["finetune"]["last_checkpoint"], weights_only=True)
+    assert pruned["hyper_parameters"]["init_from"] == stages["finetune"]["last_checkpoint"]
+    assert pruned["hyper_parameters"]["train_pruned"] and not finetuned["hyper_parameters"]["train_pruned"]
+    assert 0.5 < results["report"]["report/flops_ratio"] < 1.0

@@ -248,7 +248,7 @@ def test_sub_models_prune_what_module_prune_says(tmp_path, prune):
     module = instantiate(compose_app("train", [*THAT, f"module.prune={prune}"], tmp_path / "m").module)
     module.pruner.set_head_importance(torch.rand(3, 4))
     torch.manual_seed(0)
-    models = module.sub_models(torch.ones(2, 40))
+    models = module.sub_models(torch.ones(2, 40), random.Random(0))
     assert len(models) == 3
     cap = head_cap(3, 4)
     for index, (pruner, _) in enumerate(models):
@@ -379,7 +379,7 @@ def test_mobilebert_importance_and_joint_sub_models(tmp_path):
     torch.testing.assert_close(importance.norm(dim=1), torch.ones(3))
     module.pruner.set_head_importance(importance)
     torch.manual_seed(0)
-    smallest, _ = module.sub_models(mask)[0]
+    smallest, _ = module.sub_models(mask, random.Random(0))[0]
     with torch.no_grad():
         logits, out = module(batch, pruner=smallest)
     assert logits.shape == (3, 2) and [layer.heads for layer in out.trace] == [4 - h for h in head_cap(3, 4)]

@@ -174,6 +174,8 @@ class PrunableEncoder:
             )
         elif pruner.needs_scores:
             probs = softmax_attention(query, key, bias, parts.scale)
+            if pruner.scores_after_dropout and training and dropout > 0:  # the context uses the same draw
+                probs, dropout = F.dropout(probs, p=dropout), 0.0
             scores = score_vector(probs, state.mask, adapter.causal)
         decision = self._select(pruner, index, scores, state)
         scored = scores is not None

@@ -24,6 +24,9 @@ class TokenPruner(nn.Module):
     """
 
     needs_scores: bool = True
+    # Score the attention probabilities after attention dropout (what the LTP and Length-Adaptive
+    # reference implementations did, DESIGN.md s.5) instead of before it; matters in training only.
+    scores_after_dropout: bool = False
 
     def __init__(self, num_layers: int) -> None:
         super().__init__()

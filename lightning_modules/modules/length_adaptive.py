@@ -8,6 +8,13 @@ full model's detached logits; the losses are summed and divided by num_sandwich 
 reference code. Sub-model lengths start from the batch's padded length, as the reference's started
 from max_seq_length (with `pruner.length_unit=fraction`, from task.max_length). Token-level tasks
 use Drop-and-Restore (the engine restores full-length outputs).
+
+Reference settings (DESIGN.md s.5; `experiment=length_adaptive_reference` sets them):
+`layer_drop_passes=all` applies LayerDrop to every pass of a step, the full model's and the
+smallest sub-model's too (default `random`: only the random sub-models, so the full model and the
+smallest one, the two ends of the search space, are trained whole); `min_length=2` (default 1).
+Not reproduced: the reference's significance also summed the attention of padding query rows,
+which the engine never computes (it removes padding rather than attending from it).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from tokenprune.pruners.length import LengthConfigPruner, check_drop_prob, sampl
 log = logging.getLogger(__name__)
 KD_DIRECTIONS = ("forward", "reverse")
 STAGES = ("finetune", "sandwich")
+LAYER_DROP_PASSES = ("random", "all")
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, direction: str, regression: bool) -> Tensor:
@@ -65,8 +73,13 @@ class LengthAdaptiveModule(TokenPruningModule):
         kd_direction: str = "forward",
         init_from: str | None = None,
         compare_unpruned: bool = True,
+        layer_drop_passes: str = "random",
+        min_length: int = 1,
     ) -> None:
         check_choice("module.stage", stage, STAGES)
+        check_choice("module.layer_drop_passes", layer_drop_passes, LAYER_DROP_PASSES)
+        if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 1:
+            raise ValueError(f"module.min_length={min_length!r} must be an integer >= 1 (the reference: 2)")
         check_drop_prob("module.length_drop", length_drop)
         check_drop_prob("module.layer_drop", layer_drop)
         if num_sandwich < 0:
@@ -82,6 +95,8 @@ class LengthAdaptiveModule(TokenPruningModule):
                 "layer_drop": layer_drop,
                 "num_sandwich": num_sandwich,
                 "kd_direction": kd_direction,
+                "layer_drop_passes": layer_drop_passes,
+                "min_length": min_length,
             }
         )
 
@@ -93,27 +108,33 @@ class LengthAdaptiveModule(TokenPruningModule):
             )
         super().setup(stage)
 
-    def sub_models(self, attention_mask: Tensor) -> list[tuple[LengthConfigPruner, set[int]]]:
+    def layer_drop(self, rng: random.Random) -> set[int]:
+        """LayerDrop: each layer skipped with probability module.layer_drop."""
+        return {layer for layer in range(self.adapter.num_layers) if rng.random() < self.hparams["layer_drop"]}
+
+    def sub_models(self, attention_mask: Tensor, rng: random.Random) -> list[tuple[LengthConfigPruner, set[int]]]:
         """The smallest sub-model, then num_sandwich LengthDrop + LayerDrop samples, for one batch."""
         hp, layers, pruner = self.hparams, self.adapter.num_layers, self.pruner
         start = pruner.reference_length if pruner.length_unit == "fraction" else int(attention_mask.sum(dim=1).max())
-        rng = random.Random(int(torch.randint(2**31, ())))
-        smallest = pruner.with_gene(smallest_gene(layers, start, hp["length_drop"]))
-        models: list[tuple[LengthConfigPruner, set[int]]] = [(smallest, set())]
+        drop, shortest = hp["length_drop"], hp["min_length"]
+        skipped = self.layer_drop(rng) if hp["layer_drop_passes"] == "all" else set()
+        models = [(pruner.with_gene(smallest_gene(layers, start, drop, skipped, shortest)), skipped)]
         for _ in range(hp["num_sandwich"]):
-            skipped = {layer for layer in range(layers) if rng.random() < hp["layer_drop"]}
-            models.append((pruner.with_gene(sample_gene(layers, start, hp["length_drop"], rng, skipped)), skipped))
+            skipped = self.layer_drop(rng)
+            models.append((pruner.with_gene(sample_gene(layers, start, drop, rng, skipped, shortest)), skipped))
         return models
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        logits, _ = self(batch)
+        rng = random.Random(int(torch.randint(2**31, ())))
+        every_pass = self.hparams["stage"] == "sandwich" and self.hparams["layer_drop_passes"] == "all"
+        logits, _ = self(batch, skip_layers=self.layer_drop(rng) if every_pass else set())
         full_loss = self.task_loss(logits, batch["labels"])
         if self.hparams["stage"] == "finetune":
             self.log("train/loss", full_loss, prog_bar=True, batch_size=batch["labels"].shape[0])
             return full_loss
         teacher = logits.detach()
         distill = torch.zeros((), device=logits.device)
-        for pruner, skipped in self.sub_models(batch["attention_mask"]):
+        for pruner, skipped in self.sub_models(batch["attention_mask"], rng):
             student, _ = self(batch, pruner=pruner, skip_layers=skipped)
             distill = distill + distillation_loss(student, teacher, self.hparams["kd_direction"], self.regression)
         loss = (full_loss + distill) / (self.hparams["num_sandwich"] + 2)

@@ -88,6 +88,8 @@ class TokenHeadAdaptiveModule(LengthAdaptiveModule):
         kd_direction: str = "forward",
         init_from: str | None = None,
         compare_unpruned: bool = True,
+        layer_drop_passes: str = "random",
+        min_length: int = 1,
     ) -> None:
         check_choice("module.prune", prune, PRUNED_PARTS)
         super().__init__(
@@ -96,13 +98,15 @@ class TokenHeadAdaptiveModule(LengthAdaptiveModule):
             pruner,
             optimizer,
             scheduler,
-            stage,
-            length_drop,
-            layer_drop,
-            num_sandwich,
-            kd_direction,
-            init_from,
-            compare_unpruned,
+            stage=stage,
+            length_drop=length_drop,
+            layer_drop=layer_drop,
+            num_sandwich=num_sandwich,
+            kd_direction=kd_direction,
+            init_from=init_from,
+            compare_unpruned=compare_unpruned,
+            layer_drop_passes=layer_drop_passes,
+            min_length=min_length,
         )
         if not isinstance(self.pruner, TokenHeadPruner):
             raise ValueError(
@@ -182,14 +186,13 @@ class TokenHeadAdaptiveModule(LengthAdaptiveModule):
         return importance
 
     # ----------------------------------------------------------------- sandwich
-    def sub_models(self, attention_mask: Tensor) -> list[tuple[LengthConfigPruner, set[int]]]:
+    def sub_models(self, attention_mask: Tensor, rng: random.Random) -> list[tuple[LengthConfigPruner, set[int]]]:
         """The Length-Adaptive sub-models with heads: the smallest loses the cap, the random ones a
         sample under it; `prune=heads` keeps full lengths, `prune=tokens` every head."""
         prune, layers = self.hparams["prune"], self.dims.num_layers
-        rng = random.Random(int(torch.randint(2**31, ())))
         full = (self.pruner.reference_length,) * layers
         models: list[tuple[LengthConfigPruner, set[int]]] = []
-        for index, (pruner, skipped) in enumerate(super().sub_models(attention_mask)):
+        for index, (pruner, skipped) in enumerate(super().sub_models(attention_mask, rng)):
             assert isinstance(pruner, TokenHeadPruner)
             lengths = full if prune == "heads" else pruner.gene
             heads = self.head_cap if index == 0 else sample_head_gene(self.head_cap, rng, skipped)

@@ -10,6 +10,9 @@ How l_i applies to an example with n real tokens is `length_unit`:
 * `fraction`: keep ceil(n * l_i / N), N = reference_length (task.max_length): every example keeps
   the same fraction. Equal to `tokens` only when every input is N tokens long.
 
+`scores_after_dropout=true` ranks tokens by the attention after dropout in training, as the
+reference did (DESIGN.md s.5; the default ranks by the probabilities inference uses).
+
 FLOPs are always counted on real lengths (DESIGN.md s.4). Measured on MiniLM-L6 x rt_sentiment
 (README "Measured"): at the same FLOPs, `tokens` is clearly more accurate on real text.
 """
@@ -45,29 +48,41 @@ def check_gene(gene: Sequence[int], num_layers: int, reference_length: int, name
     return gene
 
 
-def constant_ratio_gene(num_layers: int, start_length: int, ratio: float) -> Gene:
-    """Each layer keeps ceil(ratio * previous length), starting from `start_length`."""
+def constant_ratio_gene(
+    num_layers: int, start_length: int, ratio: float, skipped: Collection[int] = (), min_length: int = 1
+) -> Gene:
+    """Each layer keeps ceil(ratio * previous length) (at least `min_length`), starting from
+    `start_length`; a layer LayerDrop skips keeps the previous length."""
     lengths, previous = [], start_length
-    for _ in range(num_layers):
-        previous = max(1, math.ceil(ratio * previous))
+    for layer in range(num_layers):
+        if layer not in skipped:
+            previous = min(previous, max(min_length, math.ceil(ratio * previous)))
         lengths.append(previous)
     return tuple(lengths)
 
 
-def smallest_gene(num_layers: int, start_length: int, drop_prob: float) -> Gene:
+def smallest_gene(
+    num_layers: int, start_length: int, drop_prob: float, skipped: Collection[int] = (), min_length: int = 1
+) -> Gene:
     """The sandwich rule's smallest sub-model: every layer keeps ceil((1 - p) * previous length)."""
-    return constant_ratio_gene(num_layers, start_length, 1 - drop_prob)
+    return constant_ratio_gene(num_layers, start_length, 1 - drop_prob, skipped, min_length)
 
 
 def sample_gene(
-    num_layers: int, start_length: int, drop_prob: float, rng: random.Random, skipped: Collection[int] = ()
+    num_layers: int,
+    start_length: int,
+    drop_prob: float,
+    rng: random.Random,
+    skipped: Collection[int] = (),
+    min_length: int = 1,
 ) -> Gene:
-    """LengthDrop: l_i ~ U[ceil((1 - p) * l_{i-1}), l_{i-1}] with l_0 = start_length; a layer that
-    LayerDrop skips keeps the previous length (as in the reference implementation)."""
+    """LengthDrop: l_i ~ U[max(min_length, ceil((1 - p) * l_{i-1})), l_{i-1}] with l_0 = start_length
+    (the reference's min_length is 2); a layer that LayerDrop skips keeps the previous length (as in
+    the reference implementation)."""
     lengths, previous = [], start_length
     for layer in range(num_layers):
         if layer not in skipped:
-            previous = rng.randint(max(1, math.ceil((1 - drop_prob) * previous)), previous)
+            previous = rng.randint(min(previous, max(min_length, math.ceil((1 - drop_prob) * previous))), previous)
         lengths.append(previous)
     return tuple(lengths)
 
@@ -81,6 +96,7 @@ class LengthConfigPruner(TokenPruner):
         lengths: Sequence[int] | None = None,
         reference_length: int = 128,
         length_unit: str = "tokens",
+        scores_after_dropout: bool = False,
     ) -> None:
         super().__init__(num_layers)
         check_choice("pruner.length_unit", length_unit, LENGTH_UNITS)
@@ -91,10 +107,13 @@ class LengthConfigPruner(TokenPruner):
         )
         self.reference_length = reference_length
         self.length_unit = length_unit
+        self.scores_after_dropout = scores_after_dropout
 
     def with_gene(self, gene: Sequence[int]) -> LengthConfigPruner:
         """The same kind of pruner with another length configuration (sandwich sub-models, search)."""
-        return LengthConfigPruner(self.num_layers, gene, self.reference_length, self.length_unit)
+        return LengthConfigPruner(
+            self.num_layers, gene, self.reference_length, self.length_unit, self.scores_after_dropout
+        )
 
     def config(self) -> dict[str, Any]:
         """This pruner as a `conf/pruner` node (what build_pruner turns back into it)."""
@@ -103,6 +122,7 @@ class LengthConfigPruner(TokenPruner):
             "lengths": list(self.gene),
             "reference_length": self.reference_length,
             "length_unit": self.length_unit,
+            "scores_after_dropout": self.scores_after_dropout,
         }
 
     def keep_counts(self, layer: int, input_lengths: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """Static baselines: keep schedules fixed before inference, on the shared engine.
 
 * TopKPruner: PoWER-BERT (Goyal et al., ICML 2020) significance = attention received, keeping a
-  fixed fraction of each example's tokens per layer (constant from `start_layer`, or per layer).
+  fixed fraction of each example's tokens per layer (constant from `start_layer`, or per layer);
+  `start_layer=null` is the LTP paper's top-k baseline, which leaves the first max(3, ceil(0.15 L))
+  layers unpruned (DESIGN.md s.5).
 * SpAttenPruner: SpAtten-style (Wang et al., HPCA 2021) cascade top-k whose keep fraction falls
   linearly from 1 to `final_ratio` over the layers.
 * RandomPruner: the same schedule, tokens chosen uniformly at random ([CLS] kept).
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -86,9 +89,11 @@ class TopKPruner(ScheduledPruner):
         self,
         num_layers: int,
         keep_ratio: float = 0.5,
-        start_layer: int = 2,
+        start_layer: int | None = 2,
         layer_keep_ratios: Sequence[float] | None = None,
     ) -> None:
+        if start_layer is None:  # the LTP paper's rule, within the model's layers
+            start_layer = min(num_layers - 1, max(3, math.ceil(0.15 * num_layers)))
         if layer_keep_ratios is None:
             layer_keep_ratios = constant_schedule(num_layers, keep_ratio, start_layer)
         super().__init__(num_layers, layer_keep_ratios)

@@ -84,8 +84,9 @@ class TokenHeadPruner(LengthConfigPruner):
         reference_length: int = 128,
         length_unit: str = "tokens",
         heads_pruned: Sequence[int] | None = None,
+        scores_after_dropout: bool = False,
     ) -> None:
-        super().__init__(num_layers, lengths, reference_length, length_unit)
+        super().__init__(num_layers, lengths, reference_length, length_unit, scores_after_dropout)
         if num_heads < 1:
             raise ValueError(f"pruner.num_heads={num_heads} must be >= 1")
         self.num_heads = num_heads
@@ -102,7 +103,13 @@ class TokenHeadPruner(LengthConfigPruner):
     def with_genes(self, lengths: Sequence[int], heads: Sequence[int]) -> TokenHeadPruner:
         """Another (lengths, heads) configuration sharing this pruner's head importance."""
         pruner = TokenHeadPruner(
-            self.num_layers, self.num_heads, lengths, self.reference_length, self.length_unit, heads
+            self.num_layers,
+            self.num_heads,
+            lengths,
+            self.reference_length,
+            self.length_unit,
+            heads,
+            self.scores_after_dropout,
         )
         pruner.head_importance = self.head_importance
         return pruner
