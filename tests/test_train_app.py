@@ -122,8 +122,8 @@ def test_checkpoint_from_another_backbone_is_refused(topk_run, tmp_path):
 
 def test_cli_multirun_over_pruners_with_submitit(tmp_path):
     """(The basic launcher's multirun: tests/test_sweeps.py.)"""
-    args = ["-m", *FAST, "pruner=none,topk", f"paths.root={tmp_path}", "hydra/launcher=submitit_local"]
-    done = run_cli("tokenprune.apps.train", args, tmp_path)
+    common = [*FAST, f"paths.root={tmp_path}", "hydra/launcher=submitit_local"]
+    done = run_cli("tokenprune.apps.train", ["-m", "pruner=none,topk", *common], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted(tmp_path.glob("multirun/*/*/results.json"))
     assert [json.loads(r.read_text())["run_name"] for r in results] == [
@@ -136,6 +136,15 @@ def test_cli_multirun_over_pruners_with_submitit(tmp_path):
             "epoch 0 step 6/6 (global step 6): train/loss" in text
             and "val/accuracy=" in text.split("epoch 0 validation: ")[1]
         )
+    # a rerun with one more job and skip_done=true trains only that job; the others reuse their results
+    rerun = run_cli("tokenprune.apps.train", ["-m", "pruner=none,topk,random", *common, "skip_done=true"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    second = sorted(set(tmp_path.glob("multirun/*/*/results.json")) - set(results))
+    reruns = [json.loads(r.read_text()) for r in second]
+    assert [r["run_name"] for r in reruns] == [f"tiny-rt_sentiment-{p}-s42" for p in ("none", "topk", "random")]
+    assert [r.get("reused_by") is not None for r in reruns] == [True, True, False]
+    assert [r["run_dir"] for r in reruns[:2]] == [str(r.parent) for r in results]
+    assert len(list(tmp_path.glob("multirun/*/*/checkpoints/last.ckpt"))) == 3
 
 
 @pytest.mark.parametrize(

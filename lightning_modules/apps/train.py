@@ -9,6 +9,7 @@ tokenprune-train backbone=flan_t5_base task=rt_sentiment_rank module=acc pruner=
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -112,6 +113,28 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
     return {name: value for name, value in flat.items() if not name.startswith(RESUME_FREE)}
 
 
+def config_key(cfg: DictConfig) -> str:
+    """What a finished run is recognised by (`skip_done`): a digest of the resolved settings that
+    decide its result (the ones a resume compares, init_from included, and an experiment's stages)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    keyed = {key: resolved.get(key) for key in (*COMPARED, "stages", "epochs")}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_run(cfg: DictConfig) -> dict[str, Any] | None:
+    """The results of a finished run under paths.root with this run's config key, if any."""
+    key = config_key(cfg)
+    for path in sorted(Path(cfg.paths.root).glob("**/results.json")):
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):  # a results.json being written or damaged: not finished
+            continue
+        if isinstance(results, dict) and results.get("config_key") == key:
+            return results
+    return None
+
+
 def resume_changes(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> dict[str, list[Any]]:
     """Settings that differ from the checkpoint's run; refuse unless every one is allowed by name."""
     saved = checkpoint.get(RunSettings.KEY)
@@ -209,6 +232,7 @@ def train(
         )[0]
         results = {
             "run_name": cfg.run_name,
+            "config_key": config_key(cfg),
             "run_dir": str(run_dir),
             "best_checkpoint": best,
             "last_checkpoint": last,
@@ -274,7 +298,7 @@ def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any
             stages[stage.name] = train(stage_cfg, stage=stage.name, group=group)
             init_from = stages[stage.name]["last_checkpoint"]
         final = stages[cfg.stages[-1].name]
-        results = {**final, "run_dir": str(run_dir), "stages": stages}
+        results = {**final, "config_key": config_key(cfg), "run_dir": str(run_dir), "stages": stages}
         if process_rank() == 0:
             (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         return results
@@ -285,8 +309,17 @@ def main(cfg: DictConfig) -> float:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     # stages get the command's overrides as typed: 'stages=${ltp_stages_from_finetuned}' stays unresolved
     typed = cast(list[str], OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
-    with refusals_as_messages(), nothing_left_if_refused(Path(cfg.paths.output_dir), stop=Path(cfg.paths.root).parent):
-        results = train_stages(cfg, typed) if cfg.get("stages") else train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    with refusals_as_messages(), nothing_left_if_refused(run_dir, stop=Path(cfg.paths.root).parent):
+        done = finished_run(cfg) if cfg.skip_done else None
+        if done is not None:  # this folder gets the finished run's results, so a sweep's folder is whole
+            results = {**done, "reused_by": str(run_dir)}
+            with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"):
+                log.info("skip_done: this configuration finished in %s; not run again", done["run_dir"])
+                if process_rank() == 0:
+                    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        else:
+            results = train_stages(cfg, typed) if cfg.get("stages") else train(cfg)
     return results["report"][f"report/{cfg.task.main_metric}"]
 
 

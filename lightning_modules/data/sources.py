@@ -84,7 +84,13 @@ def sms_spam(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: fl
     )
 
 
-SPAM_ASSASSIN_FOLDERS = {"easy-ham-1": "ham", "easy-ham-2": "ham", "hard-ham-1": "ham", "spam-1": "spam", "spam-2": "spam"}
+SPAM_ASSASSIN_FOLDERS = {
+    "easy-ham-1": "ham",
+    "easy-ham-2": "ham",
+    "hard-ham-1": "ham",
+    "spam-1": "spam",
+    "spam-2": "spam",
+}
 
 
 def spam_assassin_folder(root: str) -> Path:
