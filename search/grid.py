@@ -14,9 +14,12 @@ from tokenprune.search.context import SearchContext, SearchStrategy
 
 
 class GridSearch(SearchStrategy):
-    """Evaluate `pruner` (a `_target_` config) with `parameter` set to each of `values`."""
+    """Evaluate `pruner` (a `_target_` config) with `parameter` set to each of `values`;
+    `pruner_group` names its `conf/pruner` option, for the front's bench commands."""
 
-    def __init__(self, pruner: Mapping[str, Any], parameter: str, values: Sequence[float]) -> None:
+    def __init__(
+        self, pruner: Mapping[str, Any], parameter: str, values: Sequence[float], pruner_group: str | None = None
+    ) -> None:
         if parameter not in pruner:
             raise ValueError(f"search.parameter={parameter} is not a setting of search.pruner; it has {sorted(pruner)}")
         if not values:
@@ -24,6 +27,7 @@ class GridSearch(SearchStrategy):
         self.pruner = plain(pruner)
         self.parameter = parameter
         self.values = list(plain(values))
+        self.pruner_group = pruner_group
 
     def validate(self, build_pruner: Callable[[Mapping[str, Any]], object]) -> None:
         """Build every candidate's pruner once, so a bad value fails before any evaluation."""

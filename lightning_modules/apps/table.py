@@ -1,0 +1,313 @@
+"""One comparison table per task: every method x seed x relative-FLOPs level, from a sweep's outputs.
+
+    tokenprune-table outputs/methods_table/rt_sentiment-<time> [--levels 0.3,0.4,0.5,0.6,0.7] [--wandb]
+
+Reads every run under the root: training runs (`results.json`; an experiment's stage folders are
+counted once, through the experiment's own results), searches (`front.csv`: the val-split front
+re-scored on the report split) and benches (`bench.json`). A run's method and seed come from its
+run_name, `<method>-s<seed>`, as `sweeps/methods_table.sh` names them; `unpruned-s<seed>` are the
+fine-tuned models every method starts from.
+
+At each level a method's point for a seed is the one with the most FLOPs at or below the level:
+on a front (chosen on the val split) and on a lambda or keep-ratio grid that is the most accurate
+one expected, picked without looking at report accuracy. The table (`table.csv`, `table.md`) gives
+the accuracy mean +- std over seeds, its difference to the unpruned models, the mean relative
+FLOPs, the measured CPU speedup (report split at real lengths, batch 32, interleaved with stock HF:
+ACC's offline search measures it itself, the others from a bench run of the first seed's point)
+and measured / FLOPs speedup; then per method the fewest FLOPs that lose nothing against each
+seed's unpruned model. `bench_plan.txt` lists the bench commands still missing; `pareto.png`
+plots every point; `results.md` (and `--page`) is the results page: the table beside the papers'
+published figures, the machine and the command. `--wandb` logs table and plot to the sweep's W&B
+group (job_type table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import wandb
+from omegaconf import OmegaConf
+
+from tokenprune.apps.runs import GROUP_ENV
+from tokenprune.search.pareto import plot_pareto
+
+RUN_NAME = re.compile(r"^(?P<method>.+)-s(?P<seed>\d+)$")
+UNPRUNED = "unpruned"
+BENCH_COMMAND = "tokenprune-bench checkpoint={checkpoint}"
+
+
+def run_identity(folder: Path) -> tuple[str, int] | None:
+    """(method, seed) from the run's saved run_name; None for runs not named `<method>-s<seed>`."""
+    settings = folder / ".hydra" / "config.yaml"
+    if not settings.is_file():
+        return None
+    match = RUN_NAME.match(str(OmegaConf.select(OmegaConf.load(settings), "run_name", default="")))
+    return (match["method"], int(match["seed"])) if match else None
+
+
+def training_points(root: Path) -> list[dict[str, Any]]:
+    """One point per finished training run (experiments once, reused results once)."""
+    results = {path.parent: json.loads(path.read_text()) for path in sorted(root.glob("**/results.json"))}
+    stage_dirs = {Path(stage["run_dir"]) for r in results.values() for stage in r.get("stages", {}).values()}
+    points, seen = [], set()
+    for folder, result in results.items():
+        identity = run_identity(folder)
+        if identity is None or folder in stage_dirs or result["run_dir"] in seen:
+            continue
+        seen.add(result["run_dir"])
+        metric = f"report/{OmegaConf.load(folder / '.hydra' / 'config.yaml').task.main_metric}"
+        report = result["report"]
+        points.append(
+            {
+                "method": identity[0],
+                "seed": identity[1],
+                "kind": "train",
+                "score": report[metric],
+                "flops_ratio": report["report/flops_ratio"],
+                "measured_speedup": np.nan,
+                "bench": BENCH_COMMAND.format(checkpoint=result["last_checkpoint"]),
+                "source": result["run_dir"],
+            }
+        )
+    return points
+
+
+def search_points(root: Path) -> list[dict[str, Any]]:
+    """The report-split front points of every search run."""
+    points = []
+    for path in sorted(root.glob("**/front.csv")):
+        identity = run_identity(path.parent)
+        if identity is None:
+            continue
+        front = pd.read_csv(path)
+        for row in front.to_dict(orient="records"):
+            points.append(
+                {
+                    "method": identity[0],
+                    "seed": identity[1],
+                    "kind": "search",
+                    "candidate": row.get("candidate"),
+                    "score": row["score"],
+                    "flops_ratio": row["flops_ratio"],
+                    "measured_speedup": row.get("measured_speedup", np.nan),
+                    "bench": row.get("bench"),
+                    "source": str(path.parent),
+                }
+            )
+    return points
+
+
+def bench_points(root: Path) -> pd.DataFrame:
+    """Measured speedups of pruned configurations: method, seed, flops_ratio, measured_speedup."""
+    rows = []
+    for path in sorted(root.glob("**/bench.json")):
+        identity = run_identity(path.parent)
+        if identity is None:
+            continue
+        for cell in json.loads(path.read_text()):
+            if cell.get("variant") == "engine_pruned" and cell.get("batch_size") == 32:
+                flops = 1.0 / cell["flops_speedup"]
+                method, seed = identity
+                speedup, device = cell["speedup"], cell.get("device")
+                rows.append(
+                    {"method": method, "seed": seed, "flops_ratio": flops, "speedup": speedup, "device": device}
+                )
+    return pd.DataFrame(rows, columns=["method", "seed", "flops_ratio", "speedup", "device"])
+
+
+def with_benches(points: pd.DataFrame, benches: pd.DataFrame, tolerance: float = 0.005) -> pd.DataFrame:
+    """Fill each point's measured speedup from a bench of the same method, seed and FLOPs."""
+    points = points.copy()
+    for index, point in points.iterrows():
+        if not np.isnan(point.measured_speedup):
+            continue
+        same = benches[(benches.method == point.method) & (benches.seed == point.seed)]
+        close = same[(same.flops_ratio - point.flops_ratio).abs() <= tolerance]
+        if len(close):
+            points.loc[index, "measured_speedup"] = close.speedup.mean()
+    return points
+
+
+def at_level(points: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Per method and seed, the point with the most FLOPs at or below `level`."""
+    within = points[points.flops_ratio <= level + 1e-9]
+    return within.sort_values("flops_ratio").groupby(["method", "seed"]).tail(1)
+
+
+def level_table(points: pd.DataFrame, levels: list[float]) -> pd.DataFrame:
+    """Method x level: accuracy mean +- std over seeds, its gap to the unpruned models, FLOPs, speed."""
+    unpruned = points[points.method == UNPRUNED].groupby("seed").score.max()
+    rows = []
+    for level in levels:
+        chosen = at_level(points[points.method != UNPRUNED], level)
+        for method, group in chosen.groupby("method", sort=True):
+            speedup = group.measured_speedup.dropna()
+            flops_speedup = 1.0 / group.flops_ratio[speedup.index] if len(speedup) else pd.Series(dtype=float)
+            rows.append(
+                {
+                    "method": method,
+                    "level": level,
+                    "seeds": len(group),
+                    "accuracy_mean": group.score.mean(),
+                    "accuracy_std": group.score.std(ddof=1) if len(group) > 1 else np.nan,
+                    "delta_vs_unpruned": (group.score - group.seed.map(unpruned)).mean(),
+                    "flops_ratio": group.flops_ratio.mean(),
+                    "measured_speedup": speedup.mean() if len(speedup) else np.nan,
+                    "measured_over_flops": (speedup / flops_speedup).mean() if len(speedup) else np.nan,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def lossless_flops(points: pd.DataFrame) -> pd.DataFrame:
+    """Per method: the fewest relative FLOPs that keep each seed's unpruned accuracy, averaged
+    over seeds (NaN for a seed where no point does)."""
+    unpruned = points[points.method == UNPRUNED].groupby("seed").score.max()
+    rows = []
+    for method, group in points[points.method != UNPRUNED].groupby("method", sort=True):
+        per_seed = [
+            seeded[seeded.score >= unpruned.get(seed, np.inf)].flops_ratio.min()
+            for seed, seeded in group.groupby("seed")
+        ]
+        rows.append({"method": method, "lossless_flops_ratio": float(np.mean(per_seed)), "seeds": len(per_seed)})
+    return pd.DataFrame(rows)
+
+
+def bench_plan(points: pd.DataFrame, levels: list[float]) -> list[str]:
+    """Bench commands for the first seed's chosen points that have no measured speedup yet."""
+    seed = points.seed.min()
+    first = points[(points.seed == seed) & (points.method != UNPRUNED)]
+    chosen = pd.concat([at_level(first, level) for level in levels]).drop_duplicates(subset=["method", "flops_ratio"])
+    missing = chosen[chosen.measured_speedup.isna() & chosen.bench.notna()]
+    return [
+        f"{command} 'lengths=[report]' 'batch_sizes=[32]' run_name={method}-s{seed}"
+        for command, method in zip(missing.bench, missing.method)
+    ]
+
+
+def markdown(table: pd.DataFrame, lossless: pd.DataFrame, unpruned: pd.Series) -> str:
+    """table.md: the unpruned models, accuracy at each level, the fewest lossless FLOPs."""
+    accuracy = [
+        f"{mean:.4f} +- {std:.4f}" if not np.isnan(std) else f"{mean:.4f}"
+        for mean, std in zip(table.accuracy_mean, table.accuracy_std)
+    ]
+    shown = table.assign(accuracy=accuracy).drop(columns=["accuracy_mean", "accuracy_std"])
+    spread = unpruned.std(ddof=1) if len(unpruned) > 1 else float("nan")
+    return (
+        f"Unpruned: {unpruned.mean():.4f} +- {spread:.4f} over {len(unpruned)} seeds\n\n"
+        f"## Accuracy at relative-FLOPs levels\n\n{shown.to_markdown(index=False, floatfmt='.3f')}\n\n"
+        f"## Fewest FLOPs without loss\n\n{lossless.to_markdown(index=False, floatfmt='.3f')}\n"
+    )
+
+
+# What each paper published, for the results page (their backbones and tasks, not ours).
+PUBLISHED = {
+    "ltp": "LTP (Kim et al., KDD 2022): < 1% accuracy drop at 2.1x fewer FLOPs; 1.9x CPU and 2.0x GPU throughput",
+    "length_adaptive": "Length-Adaptive (Kim and Cho, ACL 2021): 0.35x FLOPs with no accuracy loss on SST-2",
+    "token_head_adaptive": "Token+Head Adaptive (Lee et al., COLING 2022): GLUE 83.0 on MobileBERT",
+    "acc": "ACC (Kachuee and Sharifkhani, 2022): BERT-base 2.9x speedup at a 0.73% accuracy drop",
+}
+
+
+def results_page(built: dict[str, Any], root: Path, command: str) -> str:
+    """The results page: our table beside the papers' published figures, the machine, the command."""
+    lossless = built["lossless"].set_index("method")["lossless_flops_ratio"]
+    half = built["table"][built["table"].level == 0.5].set_index("method")
+    lines = [
+        f"# Results: {root.name}",
+        "",
+        f"Generated by `tokenprune-table` from the run outputs under `{root}`; do not edit by hand.",
+        f"Command: `{command}`. Measured on: {', '.join(built['devices']) or 'no bench run yet'}.",
+        "",
+        "| method | ours: fewest FLOPs without loss | ours: accuracy change at 0.5x FLOPs | published |",
+        "|---|---|---|---|",
+    ]
+    for method in sorted(set(lossless.index) | set(PUBLISHED)):
+        change = f"{half.delta_vs_unpruned[method]:+.4f}" if method in half.index else "n/a"
+        flops = f"{lossless[method]:.3f}x" if method in lossless.index and not np.isnan(lossless[method]) else "none"
+        lines.append(f"| {method} | {flops} | {change} | {PUBLISHED.get(method, '')} |")
+    return "\n".join(lines) + "\n\n" + built["markdown"]
+
+
+def build(root: Path, levels: list[float], out: Path) -> dict[str, Any]:
+    """Write table.csv, table.md, points.csv, bench_plan.txt and pareto.png into `out`."""
+    points = pd.DataFrame(training_points(root) + search_points(root))
+    if points.empty or UNPRUNED not in set(points.method):
+        raise FileNotFoundError(f"{root} holds no `{UNPRUNED}-s<seed>` training runs: nothing to compare against")
+    benches = bench_points(root)
+    points = with_benches(points, benches)
+    table = level_table(points, levels)
+    lossless = lossless_flops(points)
+    unpruned = points[points.method == UNPRUNED].groupby("seed").score.max()
+    out.mkdir(parents=True, exist_ok=True)
+    points.to_csv(out / "points.csv", index=False)
+    table.to_csv(out / "table.csv", index=False)
+    text = markdown(table, lossless, unpruned)
+    (out / "table.md").write_text(text)
+    plan = bench_plan(points, levels)
+    (out / "bench_plan.txt").write_text("".join(f"{line}\n" for line in plan))
+    plot = plot_pareto(
+        {method: group for method, group in points[points.method != UNPRUNED].groupby("method")},
+        "score",
+        "flops_ratio",
+        out / "pareto.png",
+        "report accuracy vs relative FLOPs (every seed)",
+        unpruned=(1.0, float(unpruned.mean())),
+    )
+    devices = sorted({str(device) for device in benches.device.dropna()})
+    return {
+        "points": points,
+        "table": table,
+        "lossless": lossless,
+        "markdown": text,
+        "plan": plan,
+        "plot": plot,
+        "devices": devices,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="the sweep's output folder (TOKENPRUNE_OUTPUTS of sweeps/methods_table.sh)")
+    parser.add_argument("--levels", default="0.3,0.4,0.5,0.6,0.7", help="relative-FLOPs levels")
+    parser.add_argument("--out", default=None, help="default: <root>/table")
+    parser.add_argument("--wandb", action="store_true", help="log table and plot to W&B (offline unless WANDB_MODE)")
+    parser.add_argument("--page", default=None, help="also write the results page here (e.g. docs/results/<task>.md)")
+    args = parser.parse_args()
+    levels = [float(level) for level in args.levels.split(",")]
+    if not levels or any(not 0 < level <= 1 for level in levels):
+        parser.error(f"--levels={args.levels}: each level must be in (0, 1]")
+    root = Path(args.root)
+    out = Path(args.out) if args.out else root / "table"
+    built = build(root, levels, out)
+    page = results_page(built, root, " ".join(["tokenprune-table", *sys.argv[1:]]))
+    (out / "results.md").write_text(page)
+    if args.page:
+        Path(args.page).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.page).write_text(page)
+    if args.wandb:
+        with wandb.init(
+            project="tokenprune",
+            name=f"table-{root.name}",
+            group=os.environ.get(GROUP_ENV),
+            dir=str(out),
+            job_type="table",
+        ) as run:
+            run.log(
+                {"table/levels": wandb.Table(dataframe=built["table"]), "table/pareto": wandb.Image(str(built["plot"]))}
+            )
+    print(built["markdown"])
+    if built["plan"]:
+        print(f"{len(built['plan'])} bench runs missing: {out / 'bench_plan.txt'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# One command per table: every method and baseline on one task, SEEDS seeds, from the same
+# fine-tuned start per seed, at matched relative-FLOPs levels, in one table and one Pareto plot.
+#
+#   bash sweeps/methods_table.sh                                  # rt_sentiment, seeds 1,2,3 (offline, CPU)
+#   TASK=spam_assassin bash sweeps/methods_table.sh               # the long-document table (after make data)
+#   PRESET=reference bash sweeps/methods_table.sh                 # the reference implementations' settings
+#   TOKENPRUNE_OUTPUTS=<that run's folder> bash sweeps/methods_table.sh   # after a kill: only what is missing
+#   EXTRA="backbone=bert_base task=sst2 trainer=gpu" bash sweeps/methods_table.sh   # GLUE x BERT-base on a GPU
+#
+# Steps (every training is a Hydra multirun over the seeds with skip_done=true, so a rerun into
+# the same TOKENPRUNE_OUTPUTS skips finished runs; searches with a front.csv are skipped, killed
+# ones resume from their cache; benches listed in table/bench_plan.txt run once):
+#  1. fine-tune per seed (run_name unpruned-s<seed>): the start of every method and the reference
+#  2. LTP over LAMBDAS (soft + hard stage); top-k retrained pruned for the hard stage's epochs over
+#     KEEP_RATIOS (the LTP paper's baseline: the first max(3, ceil(0.15 L)) layers unpruned)
+#  3. post hoc on the fine-tuned models: top-k, SpAtten, random (keep-ratio grids), manual threshold
+#  4. Length-Adaptive and Token+Head Adaptive: sandwich training, then their evolutionary searches
+#  5. ACC: fine-tuned with elimination at ACC_SC, then offline tuning over SC (measures speed itself)
+#  6. tokenprune-table: table.md/csv, pareto.png; the benches it lists; the table again, with W&B,
+#     and the results page (PAGE, default docs/results/<task>.md) beside the papers' figures
+set -euo pipefail
+TASK=${TASK:-rt_sentiment}
+SEEDS=${SEEDS:-1,2,3}
+LEVELS=${LEVELS:-0.3,0.4,0.5,0.6,0.7}
+FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-2}
+HARD_EPOCHS=${HARD_EPOCHS:-2}
+LAMBDAS=${LAMBDAS:-0.02,0.04,0.08,0.15}
+KEEP_RATIOS=${KEEP_RATIOS:-0.3,0.45,0.6}
+SANDWICH_EPOCHS=${SANDWICH_EPOCHS:-2}
+LENGTH_DROP=${LENGTH_DROP:-0.35}
+ITERATIONS=${ITERATIONS:-8}
+ACC_SC=${ACC_SC:-0.85}
+PRESET=${PRESET:-}
+PAGE=${PAGE:-docs/results/$TASK${PRESET:+-$PRESET}.md}
+EXTRA=${EXTRA:-}
+source "$(dirname "$0")/checks.sh"
+need_numbers SEEDS 0 4294967295
+need_numbers LEVELS 0.01 1
+need_int FINETUNE_EPOCHS 1
+need_int HARD_EPOCHS 1
+need_numbers LAMBDAS 0 10
+need_numbers KEEP_RATIOS 0.01 1
+need_int SANDWICH_EPOCHS 1
+need_numbers LENGTH_DROP 0 0.99
+need_int ITERATIONS 1
+need_numbers ACC_SC 0.01 2
+[[ $PRESET =~ ^(|reference)$ ]] || { echo "PRESET=$PRESET is not one of: '' (our defaults), reference" >&2; exit 2; }
+export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs/methods_table/$TASK${PRESET:+-$PRESET}-$(date +%Y-%m-%d_%H-%M-%S)}
+# every run of this sweep (train, search, bench, table) in one W&B group
+export TOKENPRUNE_GROUP=${TOKENPRUNE_GROUP:-methods_table-$(basename "$TOKENPRUNE_OUTPUTS")}
+export WANDB_MODE=${WANDB_MODE:-offline}
+root=$TOKENPRUNE_OUTPUTS
+seeds=${SEEDS//,/ }
+common="task=$TASK skip_done=true $EXTRA"
+start='module.init_from=${paths.root}/start/s${seed}.ckpt'
+if [[ $PRESET == reference ]]; then
+  ltp=ltp_reference evolution=evolution_reference token_head=token_head_evolution_reference
+  sandwich="module.layer_drop_passes=all module.min_length=2 module.kd_direction=reverse pruner.scores_after_dropout=true"
+else
+  ltp=ltp evolution=evolution token_head=token_head_evolution sandwich=""
+fi
+searched() { ls "$root"/search/"$1"/*/front.csv > /dev/null 2>&1; }
+
+# 1. fine-tuned start per seed; start/s<seed>.ckpt links to it
+tokenprune-train -m run_name='unpruned-s${seed}' seed="$SEEDS" trainer.max_epochs="$FINETUNE_EPOCHS" $common
+mkdir -p "$root/start"
+for seed in $seeds; do
+  result=$(grep -l "\"run_name\": \"unpruned-s$seed\"" "$root"/multirun/*/*/results.json | head -n 1)
+  checkpoint=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["last_checkpoint"])' "$result")
+  ln -sfn "$(realpath "$checkpoint")" "$root/start/s$seed.ckpt"
+done
+
+# 2. LTP and the retrained top-k baseline, at the same training budget after fine-tuning
+tokenprune-train -m experiment=$ltp 'stages=${ltp_stages_from_finetuned}' "$start" run_name='ltp-s${seed}' \
+  seed="$SEEDS" module.mask_penalty="$LAMBDAS" epochs.hard="$HARD_EPOCHS" $common
+tokenprune-train -m experiment=retrained_baseline 'stages=${retrained_from_finetuned}' "$start" pruner=topk \
+  pruner.start_layer=null pruner.keep_ratio="$KEEP_RATIOS" run_name='topk_retrained-s${seed}' seed="$SEEDS" \
+  epochs.pruned="$HARD_EPOCHS" $common
+
+# 3. post-hoc baselines on each fine-tuned model
+for seed in $seeds; do
+  searched "topk-s$seed" || tokenprune-search checkpoint="$root/start/s$seed.ckpt" run_name="topk-s$seed" search=keep_ratio_grid
+  searched "spatten-s$seed" || tokenprune-search checkpoint="$root/start/s$seed.ckpt" run_name="spatten-s$seed" \
+    search=keep_ratio_grid pruner@search.pruner=spatten search.pruner_group=spatten search.parameter=final_ratio 'search.values=[0.05,0.1,0.2,0.3,0.4,0.6,0.8]'
+  searched "random-s$seed" || tokenprune-search checkpoint="$root/start/s$seed.ckpt" run_name="random-s$seed" \
+    search=keep_ratio_grid pruner@search.pruner=random search.pruner_group=random
+  searched "manual_threshold-s$seed" || tokenprune-search checkpoint="$root/start/s$seed.ckpt" \
+    run_name="manual_threshold-s$seed" search=threshold_grid
+done
+
+# 4. Length-Adaptive and Token+Head Adaptive: sandwich training, then search each seed's model
+tokenprune-train -m pruner=length_adaptive module=length_adaptive "$start" run_name='length_adaptive-s${seed}' \
+  seed="$SEEDS" trainer.max_epochs="$SANDWICH_EPOCHS" module.length_drop="$LENGTH_DROP" module.layer_drop=0 $sandwich $common
+tokenprune-train -m pruner=token_head_adaptive module=token_head_adaptive "$start" \
+  run_name='token_head_adaptive-s${seed}' seed="$SEEDS" trainer.max_epochs="$SANDWICH_EPOCHS" \
+  module.length_drop="$LENGTH_DROP" module.layer_drop=0 $sandwich $common
+trained() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["last_checkpoint"])' \
+  "$(grep -l "\"run_name\": \"$1\"" "$root"/multirun/*/*/results.json | head -n 1)"; }
+for seed in $seeds; do
+  searched "length_adaptive-s$seed" || tokenprune-search checkpoint="$(trained "length_adaptive-s$seed")" \
+    run_name="length_adaptive-s$seed" search=$evolution search.length_drop="$LENGTH_DROP" search.iterations="$ITERATIONS"
+  searched "token_head_adaptive-s$seed" || tokenprune-search checkpoint="$(trained "token_head_adaptive-s$seed")" \
+    run_name="token_head_adaptive-s$seed" search=$token_head search.length_drop="$LENGTH_DROP" search.iterations="$ITERATIONS"
+done
+
+# 5. ACC: one fine-tune with elimination per seed, then offline tuning (accuracy, FLOPs, measured speed per SC)
+tokenprune-train -m pruner=acc module=acc "$start" run_name='acc-s${seed}' seed="$SEEDS" \
+  pruner.speedup_coefficient="$ACC_SC" trainer.max_epochs="$HARD_EPOCHS" $common
+for seed in $seeds; do
+  searched "acc-s$seed" || tokenprune-search checkpoint="$(trained "acc-s$seed")" run_name="acc-s$seed" \
+    search=acc_offline 'search.values=[0.6,0.7,0.75,0.8,0.85,0.9,0.95,1.0,1.1]'
+done
+
+# 6. the table, the benches it asks for (first seed's chosen points), the table again
+tokenprune-table "$root" --levels "$LEVELS"
+while read -r command; do
+  [[ -n $command ]] && eval "$command"
+done < "$root/table/bench_plan.txt"
+tokenprune-table "$root" --levels "$LEVELS" --wandb --page "$PAGE"
+echo "table: $root/table/table.md; results page: $PAGE"
