@@ -372,6 +372,10 @@ SWEEP_CASES = [
     ("length_adaptive.sh", "ITERATIONS", "x"),
     ("length_adaptive.sh", "MUTATIONS", "1.5"),
     ("length_adaptive.sh", "CROSSOVERS", "-2"),
+    ("methods_table.sh", "SEEDS", "1,x"),
+    ("methods_table.sh", "LEVELS", "0.5,1.5"),
+    ("methods_table.sh", "PRESET", "paper"),
+    ("methods_table.sh", "ACC_SC", "0"),
 ]
 
 
