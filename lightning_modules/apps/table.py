@@ -80,15 +80,26 @@ def training_points(root: Path) -> list[dict[str, Any]]:
     return points
 
 
+def search_table(folder: Path) -> pd.DataFrame:
+    """A search's report-split points: its front, or for ACC's offline tuning every SC value with
+    its measured speedup (`offline_tuning.csv`, the SV-sorted rows; the ablation orders are not
+    methods of their own)."""
+    tuning = folder / "offline_tuning.csv"
+    if not tuning.is_file():
+        return pd.read_csv(folder / "front.csv")
+    table = pd.read_csv(tuning)
+    table = table[table.order == "sv"] if "order" in table else table
+    return table.assign(score=table.report_score, flops_ratio=table.report_flops_ratio)
+
+
 def search_points(root: Path) -> list[dict[str, Any]]:
-    """The report-split front points of every search run."""
+    """The report-split points of every search run (`search_table`)."""
     points = []
     for path in sorted(root.glob("**/front.csv")):
         identity = run_identity(path.parent)
         if identity is None:
             continue
-        front = pd.read_csv(path)
-        for row in front.to_dict(orient="records"):
+        for row in search_table(path.parent).to_dict(orient="records"):
             points.append(
                 {
                     "method": identity[0],
