@@ -55,7 +55,12 @@ def run_identity(folder: Path) -> tuple[str, int] | None:
 
 def training_points(root: Path) -> list[dict[str, Any]]:
     """One point per finished training run (experiments once, reused results once)."""
-    results = {path.parent: json.loads(path.read_text()) for path in sorted(root.glob("**/results.json"))}
+    results = {}
+    for path in sorted(root.glob("**/results.json")):
+        try:
+            results[path.parent] = json.loads(path.read_text())
+        except ValueError:  # being written by a run that is still going
+            continue
     stage_dirs = {Path(stage["run_dir"]) for r in results.values() for stage in r.get("stages", {}).values()}
     points, seen = [], set()
     for folder, result in results.items():
