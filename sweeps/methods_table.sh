@@ -8,17 +8,19 @@
 #   TOKENPRUNE_OUTPUTS=<that run's folder> bash sweeps/methods_table.sh   # after a kill: only what is missing
 #   EXTRA="backbone=bert_base task=sst2 trainer=gpu" bash sweeps/methods_table.sh   # GLUE x BERT-base on a GPU
 #
-# Steps (every training is a Hydra multirun over the seeds with skip_done=true, so a rerun into
-# the same TOKENPRUNE_OUTPUTS skips finished runs; searches with a front.csv are skipped, killed
-# ones resume from their cache; benches listed in table/bench_plan.txt run once):
-#  1. fine-tune per seed (run_name unpruned-s<seed>): the start of every method and the reference
+# Seed by seed (so a complete table of the first seed exists early), every training a Hydra
+# multirun with skip_done=true, so a rerun into the same TOKENPRUNE_OUTPUTS skips finished runs;
+# searches with a front.csv are skipped and killed ones resume from their cache; benches listed in
+# table/bench_plan.txt run once:
+#  1. fine-tune (run_name unpruned-s<seed>): the start of every method and the reference
 #  2. LTP over LAMBDAS (soft + hard stage); top-k retrained pruned for the hard stage's epochs over
 #     KEEP_RATIOS (the LTP paper's baseline: the first max(3, ceil(0.15 L)) layers unpruned)
-#  3. post hoc on the fine-tuned models: top-k, SpAtten, random (keep-ratio grids), manual threshold
+#  3. post hoc on the fine-tuned model: top-k, SpAtten, random (keep-ratio grids), manual threshold
 #  4. Length-Adaptive and Token+Head Adaptive: sandwich training, then their evolutionary searches
 #  5. ACC: fine-tuned with elimination at ACC_SC, then offline tuning over SC (measures speed itself)
-#  6. tokenprune-table: table.md/csv, pareto.png; the benches it lists; the table again, with W&B,
-#     and the results page (PAGE, default docs/results/<task>.md) beside the papers' figures
+#  6. tokenprune-table: table.md/csv, pareto.png; after the first seed, the benches it lists (that
+#     seed's chosen points); at the end the table with W&B and the results page (PAGE, default
+#     docs/results/<task>.md) beside the papers' figures
 set -euo pipefail
 TASK=${TASK:-rt_sentiment}
 SEEDS=${SEEDS:-1,2,3}
@@ -53,7 +55,6 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 root=$TOKENPRUNE_OUTPUTS
 seeds=${SEEDS//,/ }
 common="task=$TASK skip_done=true $EXTRA"
-start='module.init_from=${paths.root}/start/s${seed}.ckpt'
 if [[ $PRESET == reference ]]; then
   ltp=ltp_reference evolution=evolution_reference token_head=token_head_evolution_reference
   sandwich="module.layer_drop_passes=all module.min_length=2 module.kd_direction=reverse pruner.scores_after_dropout=true"
@@ -61,61 +62,67 @@ else
   ltp=ltp evolution=evolution token_head=token_head_evolution sandwich=""
 fi
 searched() { ls "$root"/search/"$1"/*/front.csv > /dev/null 2>&1; }
-
-# 1. fine-tuned start per seed; start/s<seed>.ckpt links to it
-tokenprune-train -m run_name='unpruned-s${seed}' seed="$SEEDS" trainer.max_epochs="$FINETUNE_EPOCHS" $common
+# last checkpoint of the run named $1 (a reused run's results point to the original)
+trained() {
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["last_checkpoint"])' \
+    "$(grep -l "\"run_name\": \"$1\"" "$root"/multirun/*/*/results.json | head -n 1)"
+}
+benches() {
+  tokenprune-table "$root" --levels "$LEVELS"
+  while read -r command; do
+    [[ -n $command ]] && eval "$command"
+  done < "$root/table/bench_plan.txt"
+}
 mkdir -p "$root/start"
-for seed in $seeds; do
-  result=$(grep -l "\"run_name\": \"unpruned-s$seed\"" "$root"/multirun/*/*/results.json | head -n 1)
-  checkpoint=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["last_checkpoint"])' "$result")
-  ln -sfn "$(realpath "$checkpoint")" "$root/start/s$seed.ckpt"
-done
 
-# 2. LTP and the retrained top-k baseline, at the same training budget after fine-tuning
-tokenprune-train -m experiment=$ltp 'stages=${ltp_stages_from_finetuned}' "$start" run_name='ltp-s${seed}' \
-  seed="$SEEDS" module.mask_penalty="$LAMBDAS" epochs.hard="$HARD_EPOCHS" $common
-tokenprune-train -m experiment=retrained_baseline 'stages=${retrained_from_finetuned}' "$start" pruner=topk \
-  pruner.start_layer=null pruner.keep_ratio="$KEEP_RATIOS" run_name='topk_retrained-s${seed}' seed="$SEEDS" \
-  epochs.pruned="$HARD_EPOCHS" $common
-
-# 3. post-hoc baselines on each fine-tuned model
 for seed in $seeds; do
-  searched "topk-s$seed" || tokenprune-search checkpoint="$root/start/s$seed.ckpt" run_name="topk-s$seed" search=keep_ratio_grid
-  searched "spatten-s$seed" || tokenprune-search checkpoint="$root/start/s$seed.ckpt" run_name="spatten-s$seed" \
-    search=keep_ratio_grid pruner@search.pruner=spatten search.pruner_group=spatten search.parameter=final_ratio 'search.values=[0.05,0.1,0.2,0.3,0.4,0.6,0.8]'
-  searched "random-s$seed" || tokenprune-search checkpoint="$root/start/s$seed.ckpt" run_name="random-s$seed" \
+  # 1. fine-tuned start; start/s<seed>.ckpt links to it
+  tokenprune-train -m run_name="unpruned-s$seed" seed="$seed" trainer.max_epochs="$FINETUNE_EPOCHS" $common
+  ln -sfn "$(realpath "$(trained "unpruned-s$seed")")" "$root/start/s$seed.ckpt"
+  start="module.init_from=$root/start/s$seed.ckpt"
+
+  # 2. LTP and the retrained top-k baseline, at the same training budget after fine-tuning
+  tokenprune-train -m experiment=$ltp 'stages=${ltp_stages_from_finetuned}' "$start" run_name="ltp-s$seed" \
+    seed="$seed" module.mask_penalty="$LAMBDAS" epochs.hard="$HARD_EPOCHS" $common
+  tokenprune-train -m experiment=retrained_baseline 'stages=${retrained_from_finetuned}' "$start" pruner=topk \
+    pruner.start_layer=null pruner.keep_ratio="$KEEP_RATIOS" run_name="topk_retrained-s$seed" seed="$seed" \
+    epochs.pruned="$HARD_EPOCHS" $common
+
+  # 3. post-hoc baselines on the fine-tuned model
+  finetuned=$root/start/s$seed.ckpt
+  searched "topk-s$seed" || tokenprune-search checkpoint="$finetuned" run_name="topk-s$seed" search=keep_ratio_grid
+  searched "spatten-s$seed" || tokenprune-search checkpoint="$finetuned" run_name="spatten-s$seed" \
+    search=keep_ratio_grid pruner@search.pruner=spatten search.pruner_group=spatten search.parameter=final_ratio \
+    'search.values=[0.05,0.1,0.2,0.3,0.4,0.6,0.8]'
+  searched "random-s$seed" || tokenprune-search checkpoint="$finetuned" run_name="random-s$seed" \
     search=keep_ratio_grid pruner@search.pruner=random search.pruner_group=random
-  searched "manual_threshold-s$seed" || tokenprune-search checkpoint="$root/start/s$seed.ckpt" \
+  searched "manual_threshold-s$seed" || tokenprune-search checkpoint="$finetuned" \
     run_name="manual_threshold-s$seed" search=threshold_grid
-done
 
-# 4. Length-Adaptive and Token+Head Adaptive: sandwich training, then search each seed's model
-tokenprune-train -m pruner=length_adaptive module=length_adaptive "$start" run_name='length_adaptive-s${seed}' \
-  seed="$SEEDS" trainer.max_epochs="$SANDWICH_EPOCHS" module.length_drop="$LENGTH_DROP" module.layer_drop=0 $sandwich $common
-tokenprune-train -m pruner=token_head_adaptive module=token_head_adaptive "$start" \
-  run_name='token_head_adaptive-s${seed}' seed="$SEEDS" trainer.max_epochs="$SANDWICH_EPOCHS" \
-  module.length_drop="$LENGTH_DROP" module.layer_drop=0 $sandwich $common
-trained() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["last_checkpoint"])' \
-  "$(grep -l "\"run_name\": \"$1\"" "$root"/multirun/*/*/results.json | head -n 1)"; }
-for seed in $seeds; do
+  # 4. Length-Adaptive and Token+Head Adaptive: sandwich training, then search the trained model
+  tokenprune-train -m pruner=length_adaptive module=length_adaptive "$start" run_name="length_adaptive-s$seed" \
+    seed="$seed" trainer.max_epochs="$SANDWICH_EPOCHS" module.length_drop="$LENGTH_DROP" module.layer_drop=0 \
+    $sandwich $common
   searched "length_adaptive-s$seed" || tokenprune-search checkpoint="$(trained "length_adaptive-s$seed")" \
     run_name="length_adaptive-s$seed" search=$evolution search.length_drop="$LENGTH_DROP" search.iterations="$ITERATIONS"
+  tokenprune-train -m pruner=token_head_adaptive module=token_head_adaptive "$start" \
+    run_name="token_head_adaptive-s$seed" seed="$seed" trainer.max_epochs="$SANDWICH_EPOCHS" \
+    module.length_drop="$LENGTH_DROP" module.layer_drop=0 $sandwich $common
   searched "token_head_adaptive-s$seed" || tokenprune-search checkpoint="$(trained "token_head_adaptive-s$seed")" \
-    run_name="token_head_adaptive-s$seed" search=$token_head search.length_drop="$LENGTH_DROP" search.iterations="$ITERATIONS"
-done
+    run_name="token_head_adaptive-s$seed" search=$token_head search.length_drop="$LENGTH_DROP" \
+    search.iterations="$ITERATIONS"
 
-# 5. ACC: one fine-tune with elimination per seed, then offline tuning (accuracy, FLOPs, measured speed per SC)
-tokenprune-train -m pruner=acc module=acc "$start" run_name='acc-s${seed}' seed="$SEEDS" \
-  pruner.speedup_coefficient="$ACC_SC" trainer.max_epochs="$HARD_EPOCHS" $common
-for seed in $seeds; do
+  # 5. ACC: one fine-tune with elimination, then offline tuning (accuracy, FLOPs, measured speed per SC)
+  tokenprune-train -m pruner=acc module=acc "$start" run_name="acc-s$seed" seed="$seed" \
+    pruner.speedup_coefficient="$ACC_SC" trainer.max_epochs="$HARD_EPOCHS" $common
   searched "acc-s$seed" || tokenprune-search checkpoint="$(trained "acc-s$seed")" run_name="acc-s$seed" \
     search=acc_offline 'search.values=[0.6,0.7,0.75,0.8,0.85,0.9,0.95,1.0,1.1]'
+
+  # 6. after the first seed: the table so far and the benches of that seed's chosen points
+  if [[ $seed == "${seeds%% *}" ]]; then benches; fi
 done
 
-# 6. the table, the benches it asks for (first seed's chosen points), the table again
-tokenprune-table "$root" --levels "$LEVELS"
-while read -r command; do
-  [[ -n $command ]] && eval "$command"
-done < "$root/table/bench_plan.txt"
+# 6. the table of every seed, the benches still missing, and the final table, W&B and results page
+benches
 tokenprune-table "$root" --levels "$LEVELS" --wandb --page "$PAGE"
 echo "table: $root/table/table.md; results page: $PAGE"
