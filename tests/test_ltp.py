@@ -106,10 +106,13 @@ def test_experiment_runs_finetune_soft_hard_back_to_back(tmp_path):
 
 
 def test_cli_runs_soft_and_hard_from_a_finetuned_checkpoint(tmp_path):
-    """The documented command: experiment=ltp 'stages=${ltp_stages_from_finetuned}' module.init_from=..."""
+    """The documented command: experiment=ltp 'stages=${ltp_stages_from_finetuned}' module.init_from=...,
+    as the sweeps run it: a multirun logging to W&B (which reads the sweep's overrides unresolved)."""
     finetuned = train(compose_app("train", FAST, tmp_path / "finetune"))["last_checkpoint"]
     args = [
+        "-m",
         *FAST,
+        "logger=wandb",
         "experiment=ltp",
         "stages=${ltp_stages_from_finetuned}",
         f"module.init_from={finetuned}",
@@ -118,7 +121,7 @@ def test_cli_runs_soft_and_hard_from_a_finetuned_checkpoint(tmp_path):
     ]
     done = run_cli("tokenprune.apps.train", args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(next(tmp_path.glob("train/ltp/*/results.json")).read_text())
+    results = json.loads(next(tmp_path.glob("multirun/*/0-ltp/results.json")).read_text())
     assert list(results["stages"]) == ["soft", "hard"]
     soft = torch.load(results["stages"]["soft"]["last_checkpoint"], weights_only=False)
     assert soft["hyper_parameters"]["init_from"] == finetuned

@@ -70,7 +70,9 @@ def swept_settings() -> list[str]:
     swept = {str(key) for key in (getattr(hydra_cfg.sweeper, "params", None) or {})}
     multirun_file = Path(hydra_cfg.sweep.dir) / "multirun.yaml"  # Hydra writes it before the first job
     if multirun_file.is_file():  # a job's own overrides hold one value each; the sweep's hold the lists
-        sweep_overrides = list(OmegaConf.load(multirun_file).hydra.overrides.task)
+        # unresolved: an override such as 'stages=${ltp_stages_from_finetuned}' stays as typed
+        sweep_overrides = OmegaConf.to_container(OmegaConf.load(multirun_file).hydra.overrides.task, resolve=False)
+        assert isinstance(sweep_overrides, list)
         swept |= {o.key_or_group for o in parser.parse_overrides(sweep_overrides) if o.is_sweep_override()}
     job = parser.parse_overrides(list(hydra_cfg.overrides.task))
     return [f"{o.key_or_group}={o.get_value_element_as_str()}" for o in job if o.key_or_group in swept]
