@@ -29,12 +29,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import wandb
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.apps.runs import GROUP_ENV
 from tokenprune.search.pareto import plot_pareto
@@ -44,13 +44,14 @@ UNPRUNED = "unpruned"
 BENCH_COMMAND = "tokenprune-bench checkpoint={checkpoint}"
 
 
-def run_identity(folder: Path) -> tuple[str, int] | None:
-    """(method, seed) from the run's saved run_name; None for runs not named `<method>-s<seed>`."""
-    settings = folder / ".hydra" / "config.yaml"
-    if not settings.is_file():
+def saved_run(folder: Path) -> tuple[str, int, DictConfig] | None:
+    """(method, seed, saved settings) of a run whose run_name is `<method>-s<seed>`; None otherwise."""
+    path = folder / ".hydra" / "config.yaml"
+    if not path.is_file():
         return None
-    match = RUN_NAME.match(str(OmegaConf.select(OmegaConf.load(settings), "run_name", default="")))
-    return (match["method"], int(match["seed"])) if match else None
+    settings = cast(DictConfig, OmegaConf.load(path))
+    match = RUN_NAME.match(str(OmegaConf.select(settings, "run_name", default="")))
+    return (match["method"], int(match["seed"]), settings) if match else None
 
 
 def training_points(root: Path) -> list[dict[str, Any]]:
@@ -64,18 +65,18 @@ def training_points(root: Path) -> list[dict[str, Any]]:
     stage_dirs = {Path(stage["run_dir"]) for r in results.values() for stage in r.get("stages", {}).values()}
     points, seen = [], set()
     for folder, result in results.items():
-        identity = run_identity(folder)
-        if identity is None or folder in stage_dirs or result["run_dir"] in seen:
+        run = saved_run(folder)
+        if run is None or folder in stage_dirs or result["run_dir"] in seen:
             continue
         seen.add(result["run_dir"])
-        metric = f"report/{OmegaConf.load(folder / '.hydra' / 'config.yaml').task.main_metric}"
+        method, seed, settings = run
         report = result["report"]
         points.append(
             {
-                "method": identity[0],
-                "seed": identity[1],
+                "method": method,
+                "seed": seed,
                 "kind": "train",
-                "score": report[metric],
+                "score": report[f"report/{settings.task.main_metric}"],
                 "flops_ratio": report["report/flops_ratio"],
                 "measured_speedup": np.nan,
                 "bench": BENCH_COMMAND.format(checkpoint=result["last_checkpoint"]),
@@ -101,14 +102,15 @@ def search_points(root: Path) -> list[dict[str, Any]]:
     """The report-split points of every search run (`search_table`)."""
     points = []
     for path in sorted(root.glob("**/front.csv")):
-        identity = run_identity(path.parent)
-        if identity is None:
+        run = saved_run(path.parent)
+        if run is None:
             continue
+        method, seed, _ = run
         for row in search_table(path.parent).to_dict(orient="records"):
             points.append(
                 {
-                    "method": identity[0],
-                    "seed": identity[1],
+                    "method": method,
+                    "seed": seed,
                     "kind": "search",
                     "candidate": row.get("candidate"),
                     "score": row["score"],
@@ -125,13 +127,13 @@ def bench_points(root: Path) -> pd.DataFrame:
     """Measured speedups of pruned configurations: method, seed, flops_ratio, measured_speedup."""
     rows = []
     for path in sorted(root.glob("**/bench.json")):
-        identity = run_identity(path.parent)
-        if identity is None:
+        run = saved_run(path.parent)
+        if run is None:
             continue
+        method, seed, _ = run
         for cell in json.loads(path.read_text()):
             if cell.get("variant") == "engine_pruned" and cell.get("batch_size") == 32:
                 flops = 1.0 / cell["flops_speedup"]
-                method, seed = identity
                 speedup, device = cell["speedup"], cell.get("device")
                 rows.append(
                     {"method": method, "seed": seed, "flops_ratio": flops, "speedup": speedup, "device": device}
@@ -158,9 +160,13 @@ def at_level(points: pd.DataFrame, level: float) -> pd.DataFrame:
     return within.sort_values("flops_ratio").groupby(["method", "seed"]).tail(1)
 
 
-def level_table(points: pd.DataFrame, levels: list[float]) -> pd.DataFrame:
+def unpruned_scores(points: pd.DataFrame) -> pd.Series:
+    """Each seed's unpruned (fine-tuned) model's score, indexed by seed."""
+    return points[points.method == UNPRUNED].groupby("seed").score.max()
+
+
+def level_table(points: pd.DataFrame, levels: list[float], unpruned: pd.Series) -> pd.DataFrame:
     """Method x level: accuracy mean +- std over seeds, its gap to the unpruned models, FLOPs, speed."""
-    unpruned = points[points.method == UNPRUNED].groupby("seed").score.max()
     rows = []
     for level in levels:
         chosen = at_level(points[points.method != UNPRUNED], level)
@@ -183,10 +189,9 @@ def level_table(points: pd.DataFrame, levels: list[float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def lossless_flops(points: pd.DataFrame) -> pd.DataFrame:
+def lossless_flops(points: pd.DataFrame, unpruned: pd.Series) -> pd.DataFrame:
     """Per method: the fewest relative FLOPs that keep each seed's unpruned accuracy, averaged
     over seeds (NaN for a seed where no point does)."""
-    unpruned = points[points.method == UNPRUNED].groupby("seed").score.max()
     rows = []
     for method, group in points[points.method != UNPRUNED].groupby("method", sort=True):
         per_seed = [
@@ -260,9 +265,9 @@ def build(root: Path, levels: list[float], out: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{root} holds no `{UNPRUNED}-s<seed>` training runs: nothing to compare against")
     benches = bench_points(root)
     points = with_benches(points, benches)
-    table = level_table(points, levels)
-    lossless = lossless_flops(points)
-    unpruned = points[points.method == UNPRUNED].groupby("seed").score.max()
+    unpruned = unpruned_scores(points)
+    table = level_table(points, levels, unpruned)
+    lossless = lossless_flops(points, unpruned)
     out.mkdir(parents=True, exist_ok=True)
     points.to_csv(out / "points.csv", index=False)
     table.to_csv(out / "table.csv", index=False)
