@@ -15,13 +15,15 @@ import importlib.util
 import string
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+from hydra.utils import get_object
 
 from tokenprune.data.mail import mail_text
 
 SPLITS = ("train", "val", "report")
+SourceT = TypeVar("SourceT", bound=Callable[..., DatasetDict])
 
 
 def three_way_split(dataset: Dataset, val_fraction: float, report_fraction: float, seed: int) -> DatasetDict:
@@ -106,13 +108,31 @@ def spam_assassin_folder(root: str) -> Path:
     return folder
 
 
+def reads_local_files(check: Callable[..., object]) -> Callable[[SourceT], SourceT]:
+    """Marks a source that reads files a make target unpacks: `check(**source settings)` raises an
+    error naming the setting and the command when they are missing (see check_local_files)."""
+
+    def mark(source: SourceT) -> SourceT:
+        source.local_files_check = check  # type: ignore[attr-defined]
+        return source
+
+    return mark
+
+
 def check_local_files(source: Mapping[str, Any]) -> None:
-    """Sources that read files a make target unpacks: the files are there (apps check this before
-    they load any model)."""
-    if str(source.get("_target_", "")).endswith(".spam_assassin"):
-        spam_assassin_folder(str(source.get("root")))
+    """The files of every source in this task config (and in those it wraps) that reads local
+    files are there: apps check this before they load any model."""
+    target = get_object(str(source["_target_"])) if "_target_" in source else None
+    settings = {key: value for key, value in source.items() if not key.startswith("_")}
+    check = getattr(target, "local_files_check", None)
+    if check is not None:
+        check(**settings)
+    for value in settings.values():
+        if isinstance(value, Mapping):
+            check_local_files(value)
 
 
+@reads_local_files(lambda root, **_: spam_assassin_folder(str(root)))
 def spam_assassin(
     root: str, split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1
 ) -> DatasetDict:
