@@ -170,3 +170,12 @@ def test_speedup_search_prints_the_coefficient_and_both_figures(tmp_path, acc_ru
         run_search(compose_app("search", [*overrides[:-1], "target_speedup=0.5"], tmp_path / "low"))
     with pytest.raises(ValueError, match="search.objective=speed is not one of: flops, latency"):
         run_search(compose_app("search", [*overrides, "search.objective=speed"], tmp_path / "objective"))
+
+
+@pytest.mark.parametrize(
+    ("rounding", "expected"), [("floor", [1, 1, 2, 3, 5]), ("ceil", [1, 2, 2, 4, 5]), ("round", [1, 2, 2, 4, 5])]
+)
+def test_keep_counts_round_as_set_and_keep_one_token(rounding, expected):
+    """eq. (3): N_l = rounding(r_l * N_{l-1}), at least 1; r = 0.5 here (round: half to even)."""
+    pruner = ACCPruner(num_layers=1, speedup_coefficient=0.5, rounding=rounding)
+    assert pruner.keep_counts(0, torch.tensor([1, 3, 4, 7, 10])).tolist() == expected

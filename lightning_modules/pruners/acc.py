@@ -154,8 +154,13 @@ class ACCPruner(TokenPruner):
     def keep_counts(self, layer: int, lengths: Tensor) -> Tensor:
         """N_l per example from its current real length N_{l-1} (eq. 3)."""
         kept = lengths.to(torch.float64) * self.rates[layer]
-        rounded = {"floor": torch.floor(kept + 1e-9), "ceil": torch.ceil(kept - 1e-9), "round": torch.round(kept)}
-        return rounded[self.rounding].long().clamp(min=1)
+        if self.rounding == "floor":
+            kept = torch.floor(kept + 1e-9)
+        elif self.rounding == "ceil":
+            kept = torch.ceil(kept - 1e-9)
+        else:
+            kept = torch.round(kept)
+        return kept.long().clamp(min=1)
 
     def prunes_at(self, layer: int) -> bool:
         return self.rates[layer] < 1.0
