@@ -1,6 +1,7 @@
 # Sourced by the sweep scripts: refuse a bad environment setting before any run starts.
 #   need_int NAME MIN            the variable NAME holds an integer >= MIN
 #   need_numbers NAME MIN MAX    NAME holds one number, or a comma-separated list, each in [MIN, MAX]
+#   need_choices NAME A B ...    NAME holds a comma-separated list of some of A B ...
 need_int() {
   local value=${!1}
   if ! [[ $value =~ ^[0-9]+$ ]] || (( value < $2 )); then
@@ -15,5 +16,14 @@ need_numbers() {
     if ! [[ $item =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || ! awk -v x="$item" -v lo="$2" -v hi="$3" 'BEGIN { exit !(x >= lo && x <= hi) }'; then
       echo "$1=$value: '$item' must be a number in [$2, $3]" >&2; exit 2
     fi
+  done
+}
+need_choices() {
+  local name=$1 value=${!1} item
+  shift
+  IFS=, read -ra items <<< "$value"
+  [[ ${#items[@]} -gt 0 ]] || { echo "$name is empty; give some of: $*" >&2; exit 2; }
+  for item in "${items[@]}"; do
+    [[ " $* " == *" $item "* ]] || { echo "$name=$value: '$item' is not one of: $*" >&2; exit 2; }
   done
 }

@@ -7,6 +7,7 @@
 #   PRESET=reference bash sweeps/methods_table.sh                 # the reference implementations' settings
 #   TOKENPRUNE_OUTPUTS=<that run's folder> bash sweeps/methods_table.sh   # after a kill: only what is missing
 #   EXTRA="backbone=bert_base task=sst2 trainer=gpu" bash sweeps/methods_table.sh   # GLUE x BERT-base on a GPU
+#   PRESET=reference METHODS=ltp,length_adaptive,token_head_adaptive bash sweeps/methods_table.sh   # a subset
 #
 # Seed by seed (so a complete table of the first seed exists early), every training a Hydra
 # multirun with skip_done=true, so a rerun into the same TOKENPRUNE_OUTPUTS skips finished runs;
@@ -36,6 +37,8 @@ ACC_SC=${ACC_SC:-0.85}
 PRESET=${PRESET:-}
 PAGE=${PAGE:-docs/results/$TASK${PRESET:+-$PRESET}.md}
 EXTRA=${EXTRA:-}
+ALL_METHODS="ltp topk_retrained topk spatten random manual_threshold length_adaptive token_head_adaptive acc"
+METHODS=${METHODS:-${ALL_METHODS// /,}}  # the fine-tuned start (unpruned) always runs
 source "$(dirname "$0")/checks.sh"
 need_numbers SEEDS 0 4294967295
 need_numbers LEVELS 0.01 1
@@ -47,6 +50,7 @@ need_int SANDWICH_EPOCHS 1
 need_numbers LENGTH_DROP 0 0.99
 need_int ITERATIONS 1
 need_numbers ACC_SC 0.01 2
+need_choices METHODS $ALL_METHODS
 [[ $PRESET =~ ^(|reference)$ ]] || { echo "PRESET=$PRESET is not one of: '' (our defaults), reference" >&2; exit 2; }
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs/methods_table/$TASK${PRESET:+-$PRESET}-$(date +%Y-%m-%d_%H-%M-%S)}
 # every run of this sweep (train, search, bench, table) in one W&B group
@@ -61,6 +65,7 @@ if [[ $PRESET == reference ]]; then
 else
   ltp=ltp evolution=evolution token_head=token_head_evolution sandwich=""
 fi
+want() { [[ ,$METHODS, == *,$1,* ]]; }
 searched() { ls "$root"/search/"$1"/*/front.csv > /dev/null 2>&1; }
 # last checkpoint of the run named $1 (a reused run's results point to the original)
 trained() {
@@ -82,40 +87,41 @@ for seed in $seeds; do
   start="module.init_from=$root/start/s$seed.ckpt"
 
   # 2. LTP and the retrained top-k baseline, at the same training budget after fine-tuning
-  tokenprune-train -m experiment=$ltp 'stages=${ltp_stages_from_finetuned}' "$start" run_name="ltp-s$seed" \
+  want ltp && tokenprune-train -m experiment=$ltp 'stages=${ltp_stages_from_finetuned}' "$start" run_name="ltp-s$seed" \
     seed="$seed" module.mask_penalty="$LAMBDAS" epochs.hard="$HARD_EPOCHS" $common
-  tokenprune-train -m experiment=retrained_baseline 'stages=${retrained_from_finetuned}' "$start" pruner=topk \
-    pruner.start_layer=null pruner.keep_ratio="$KEEP_RATIOS" run_name="topk_retrained-s$seed" seed="$seed" \
-    epochs.pruned="$HARD_EPOCHS" $common
+  want topk_retrained && tokenprune-train -m experiment=retrained_baseline 'stages=${retrained_from_finetuned}' \
+    "$start" pruner=topk pruner.start_layer=null pruner.keep_ratio="$KEEP_RATIOS" run_name="topk_retrained-s$seed" \
+    seed="$seed" epochs.pruned="$HARD_EPOCHS" $common
 
   # 3. post-hoc baselines on the fine-tuned model
   finetuned=$root/start/s$seed.ckpt
-  searched "topk-s$seed" || tokenprune-search checkpoint="$finetuned" run_name="topk-s$seed" search=keep_ratio_grid
-  searched "spatten-s$seed" || tokenprune-search checkpoint="$finetuned" run_name="spatten-s$seed" \
+  want topk && ! searched "topk-s$seed" && tokenprune-search checkpoint="$finetuned" run_name="topk-s$seed" \
+    search=keep_ratio_grid
+  want spatten && ! searched "spatten-s$seed" && tokenprune-search checkpoint="$finetuned" run_name="spatten-s$seed" \
     search=keep_ratio_grid pruner@search.pruner=spatten search.pruner_group=spatten search.parameter=final_ratio \
     'search.values=[0.05,0.1,0.2,0.3,0.4,0.6,0.8]'
-  searched "random-s$seed" || tokenprune-search checkpoint="$finetuned" run_name="random-s$seed" \
+  want random && ! searched "random-s$seed" && tokenprune-search checkpoint="$finetuned" run_name="random-s$seed" \
     search=keep_ratio_grid pruner@search.pruner=random search.pruner_group=random
-  searched "manual_threshold-s$seed" || tokenprune-search checkpoint="$finetuned" \
+  want manual_threshold && ! searched "manual_threshold-s$seed" && tokenprune-search checkpoint="$finetuned" \
     run_name="manual_threshold-s$seed" search=threshold_grid
 
   # 4. Length-Adaptive and Token+Head Adaptive: sandwich training, then search the trained model
-  tokenprune-train -m pruner=length_adaptive module=length_adaptive "$start" run_name="length_adaptive-s$seed" \
-    seed="$seed" trainer.max_epochs="$SANDWICH_EPOCHS" module.length_drop="$LENGTH_DROP" module.layer_drop=0 \
-    $sandwich $common
-  searched "length_adaptive-s$seed" || tokenprune-search checkpoint="$(trained "length_adaptive-s$seed")" \
-    run_name="length_adaptive-s$seed" search=$evolution search.length_drop="$LENGTH_DROP" search.iterations="$ITERATIONS"
-  tokenprune-train -m pruner=token_head_adaptive module=token_head_adaptive "$start" \
-    run_name="token_head_adaptive-s$seed" seed="$seed" trainer.max_epochs="$SANDWICH_EPOCHS" \
-    module.length_drop="$LENGTH_DROP" module.layer_drop=0 $sandwich $common
-  searched "token_head_adaptive-s$seed" || tokenprune-search checkpoint="$(trained "token_head_adaptive-s$seed")" \
-    run_name="token_head_adaptive-s$seed" search=$token_head search.length_drop="$LENGTH_DROP" \
-    search.iterations="$ITERATIONS"
+  sandwich_run="seed=$seed trainer.max_epochs=$SANDWICH_EPOCHS module.length_drop=$LENGTH_DROP module.layer_drop=0"
+  search_run="search.length_drop=$LENGTH_DROP search.iterations=$ITERATIONS"
+  want length_adaptive && tokenprune-train -m pruner=length_adaptive module=length_adaptive "$start" \
+    run_name="length_adaptive-s$seed" $sandwich_run $sandwich $common
+  want length_adaptive && ! searched "length_adaptive-s$seed" && tokenprune-search \
+    checkpoint="$(trained "length_adaptive-s$seed")" run_name="length_adaptive-s$seed" search=$evolution $search_run
+  want token_head_adaptive && tokenprune-train -m pruner=token_head_adaptive module=token_head_adaptive "$start" \
+    run_name="token_head_adaptive-s$seed" $sandwich_run $sandwich $common
+  want token_head_adaptive && ! searched "token_head_adaptive-s$seed" && tokenprune-search \
+    checkpoint="$(trained "token_head_adaptive-s$seed")" run_name="token_head_adaptive-s$seed" search=$token_head \
+    $search_run
 
   # 5. ACC: one fine-tune with elimination, then offline tuning (accuracy, FLOPs, measured speed per SC)
-  tokenprune-train -m pruner=acc module=acc "$start" run_name="acc-s$seed" seed="$seed" \
+  want acc && tokenprune-train -m pruner=acc module=acc "$start" run_name="acc-s$seed" seed="$seed" \
     pruner.speedup_coefficient="$ACC_SC" trainer.max_epochs="$HARD_EPOCHS" $common
-  searched "acc-s$seed" || tokenprune-search checkpoint="$(trained "acc-s$seed")" run_name="acc-s$seed" \
+  want acc && ! searched "acc-s$seed" && tokenprune-search checkpoint="$(trained "acc-s$seed")" run_name="acc-s$seed" \
     search=acc_offline 'search.values=[0.6,0.7,0.75,0.8,0.85,0.9,0.95,1.0,1.1]'
 
   # 6. after the first seed: the table so far and the benches of that seed's chosen points

@@ -376,6 +376,7 @@ SWEEP_CASES = [
     ("methods_table.sh", "LEVELS", "0.5,1.5"),
     ("methods_table.sh", "PRESET", "paper"),
     ("methods_table.sh", "ACC_SC", "0"),
+    ("methods_table.sh", "METHODS", "ltp,paper"),
 ]
 
 
