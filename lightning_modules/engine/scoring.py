@@ -23,9 +23,10 @@ def score_vector(probs: Tensor, mask: Tensor, causal: bool = False) -> Tensor:
 
 
 def protect(scores: Tensor, mask: Tensor) -> Tensor:
-    """Scores where the protected token (slot 0: [CLS], see TokenPruner) ranks first and padding last."""
+    """Scores where the protected token (slot 0: [CLS], see TokenPruner) ranks first and padding last
+    (slot 0 of a row without real tokens too; callers keep only real tokens)."""
     ranked = scores.masked_fill(~mask, float("-inf"))
-    ranked[:, 0] = torch.where(mask[:, 0], float("inf"), ranked[:, 0])
+    ranked[:, 0] = float("inf")
     return ranked
 
 
