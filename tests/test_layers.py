@@ -124,7 +124,7 @@ print(json.dumps(failures))
 """
 
 
-def test_every_module_imports_alone_in_a_fresh_interpreter():
+def test_every_module_imports_alone():
     ours = sorted(MODULES)
     imported = {name for path in MODULES.values() for name in imports_of(path)}
     third_party = sorted(name for name in imported if not name.startswith(("tokenprune", "hydra_plugins.tokenprune")))
