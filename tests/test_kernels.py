@@ -9,7 +9,7 @@ from conftest import random_batch, tiny_model
 from torch.profiler import ProfilerActivity, profile
 
 from tokenprune.engine import PrunableEncoder
-from tokenprune.engine.kernels import ONEDNN_AVAILABLE, cpu_linear, pass_kernels, set_cpu_linear
+from tokenprune.engine.kernels import ONEDNN_AVAILABLE, cpu_linear, pass_kernels, set_cpu_linear, stock_linears
 from tokenprune.pruners.static import TopKPruner
 
 needs_onednn = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
@@ -78,6 +78,27 @@ def test_training_and_autocast_keep_f_linear(kernel):
     assert all(p.grad is not None for p in adapter.model.base_model.encoder.parameters())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: encoder(ids, mask))
+
+
+@needs_onednn
+def test_stock_reference_runs_the_same_kernel_and_is_restored(kernel):
+    """The throughput reference (stock HF) computes its linears with the engine's kernel while
+    inside stock_linears, with the same logits, and is the plain model again afterwards."""
+    kernel("onednn")
+    model, _ = tiny_model("bert")
+    model.eval()
+    ids, mask = random_batch(batch=3, length=20)
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        with stock_linears(model, pass_kernels(ids.device)):
+            got = model(input_ids=ids, attention_mask=mask).logits
+            ops = linear_ops(lambda: model(input_ids=ids, attention_mask=mask))
+        with pytest.raises(RuntimeError), stock_linears(model, pass_kernels(ids.device)):
+            raise RuntimeError("a failing timed call")
+        after = linear_ops(lambda: model(input_ids=ids, attention_mask=mask))
+    assert ops == {"mkldnn::_linear_pointwise"} and after == {"aten::addmm"}
+    assert not any("forward" in vars(module) for module in model.modules())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_kernel_is_refused_naming_the_setting(kernel):

@@ -7,9 +7,10 @@
 
 Variants, all on the same batches (one packed real-text batch, or the split's batches, timed
 batch by batch with the variants alternating): `hf_sdpa` (the stock HF model with fused
-attention, the reference), `engine_unpruned` (the engine's own loop, no pruner) and
-`engine_pruned`. The table gives sequences/s, the measured speedup over hf_sdpa, the FLOPs
-speedup (analytic counter) and their quotient.
+attention, the reference; its linear layers on the engine's `cpu_linear` kernel, so that a
+speedup measures pruning, not GEMM libraries), `engine_unpruned` (the engine's own loop, no
+pruner) and `engine_pruned`. The table gives sequences/s, the measured speedup over hf_sdpa, the
+FLOPs speedup (analytic counter) and their quotient.
 """
 
 from __future__ import annotations

@@ -3,23 +3,27 @@
 PyTorch's fp32 `F.linear` on CPU calls MKL's sgemm. oneDNN's inner product (the kernel PyTorch's
 compiler gives frozen CPU linears, `torch.ops.mkldnn._linear_pointwise`) computes the same map
 and measured 15-30% faster on this project's 2-core AMD EPYC machine for the engine's shapes,
-most at the few rows per batch of late pruned layers (README "Measured"; MKL is known to pick
-slower code paths on non-Intel CPUs). With `cpu_linear=onednn` (the default where PyTorch has
-oneDNN) every fp32 linear of a CPU inference pass's layers (the engine's projections and the
-HF modules a layer calls) runs on oneDNN; training (autograd), autocast and GPUs keep `F.linear`.
-`aten` keeps `F.linear` everywhere.
+most at the few rows per batch of late pruned layers, and 1.7x faster on another machine of the
+same kind (README "Measured"; MKL is known to pick slower code paths on non-Intel CPUs). With
+`cpu_linear=onednn` (the default where PyTorch has oneDNN) every fp32 linear of a CPU inference
+pass's layers (the engine's projections and the HF modules a layer calls) runs on oneDNN;
+training (autograd), autocast and GPUs keep `F.linear`. `aten` keeps `F.linear` everywhere.
+
+The stock HF model that throughput is measured against gets the same kernel (`stock_linears`):
+a speedup then measures what pruning saves, not which GEMM library each side called.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from tokenprune.checks import check_choice
@@ -94,3 +98,26 @@ def pass_kernels(device: torch.device) -> PassKernels:
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
     )
+
+
+def _layer_on(kernels: PassKernels, layer: nn.Linear, x: Tensor) -> Tensor:
+    return kernels.linear(x, layer.weight, layer.bias)
+
+
+@contextlib.contextmanager
+def stock_linears(model: nn.Module, kernels: PassKernels) -> Iterator[None]:
+    """Inside, the nn.Linear layers of `model` compute with `kernels.linear` (the throughput
+    reference: a stock HF model with the engine's GEMM kernel). Each layer's forward is swapped for
+    the duration rather than a TorchFunctionMode entered, whose interception of every torch call
+    (about 4% of a stock pass, measured) would slow the reference and flatter the engine."""
+    if not kernels.onednn:
+        yield
+        return
+    layers = [module for module in model.modules() if type(module) is nn.Linear]
+    for layer in layers:
+        layer.forward = functools.partial(_layer_on, kernels, layer)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward

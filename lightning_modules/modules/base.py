@@ -37,6 +37,7 @@ from tokenprune.config import plain
 from tokenprune.data.datamodule import TASK_KINDS, answer_token_ids
 from tokenprune.engine import EncoderOutput, PrunableEncoder
 from tokenprune.engine.flops import EncoderDims
+from tokenprune.engine.kernels import pass_kernels, stock_linears
 from tokenprune.engine.pruner import TokenPruner
 from tokenprune.modules.metrics import PruningStats
 from tokenprune.pruners import build_pruner
@@ -208,12 +209,16 @@ class TokenPruningModule(L.LightningModule):
 
     def stock_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The stock HF model's logits for `batch`, no engine: the reference every throughput
-        figure is measured against. Seq2seq: the HF encoder, then the same answer ranking."""
+        figure is measured against, its linear layers on the kernel an engine pass would use
+        (engine/kernels.py). Seq2seq: the HF encoder, then the same answer ranking."""
         inputs = {key: value for key, value in batch.items() if key != "labels"}
+        kernels = pass_kernels(inputs["input_ids"].device)
         if self.decoder_logits is None:
-            return self.model(**inputs).logits
+            with stock_linears(self.model, kernels):
+                return self.model(**inputs).logits
         mask = inputs["attention_mask"]
-        states = self.model.encoder(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+        with stock_linears(self.model.encoder, kernels):  # the decoder runs as in engine passes
+            states = self.model.encoder(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
         return self.rank_answers(states, mask.bool(), self.adapter.decode)
 
     def targets(self, batch: Mapping[str, Tensor], out: EncoderOutput) -> Tensor:
