@@ -24,10 +24,24 @@ def chunked_attention_applies(query: Tensor, dropout: float) -> bool:
     return dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
 
 
+def _head_major(tensor: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * tensor as a contiguous (B, h, n, d_h) tensor, in one pass when autograd is off.
+
+    The projections' (B, h, n, d_h) views are strided (each token's heads side by side), which
+    batched matmul cannot read in place: it copies them, a transposed key element by element.
+    Copied head-major once (K then read transposed in place), QK^T took 0.6-0.8x and PV 0.7-1.0x
+    the time at MiniLM shapes, 25-100 tokens x 32 rows (README "Measured")."""
+    if scale == 1.0:
+        return tensor.contiguous()
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        return (tensor * scale).contiguous()
+    return torch.mul(tensor, scale, out=torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device))
+
+
 def softmax_attention(query: Tensor, key: Tensor, additive: Tensor, scale: float | None = None) -> Tensor:
     """Attention probabilities softmax(scale * QK^T + additive), (B, h, n, n); scale defaults to 1/sqrt(d_h)."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.matmul(query * scale, key.transpose(-1, -2)).add_(additive)
+    logits = torch.matmul(_head_major(query, scale), _head_major(key).transpose(-1, -2)).add_(additive)
     return torch.softmax(logits, dim=-1)
 
 
@@ -47,6 +61,7 @@ def attention_with_scores(
     score_vector(probs, mask, causal) on the whole batch.
     """
     batch, heads, length, _ = query.shape
+    value = _head_major(value)
     # Chunks are for CPU caches; an accelerator gets the whole batch in one launch.
     step = max(1, CHUNK_ELEMENTS // (heads * length * length)) if query.device.type == "cpu" else batch
     if step >= batch:  # one chunk: no output buffers to fill (fewer calls: short inputs pay per call)
