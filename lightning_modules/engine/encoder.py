@@ -47,17 +47,23 @@ def _out_project(
     return kernels.linear(context.transpose(1, 2).flatten(2), weight, projection.bias)
 
 
-def _rows(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
-    """Rows `index` (B, m) along `dim` of a (B, n, ...) or (B, H, n, ...) tensor.
+def _flat_index(index: Tensor, lead: torch.Size, length: int) -> Tensor:
+    """Where rows `index` (B, m) of a (*lead, length, ...) tensor (lead starting with B) lie once
+    it is flattened to rows, (B * lead[1:] * m,)."""
+    offsets = torch.arange(lead.numel(), device=index.device).view(*lead, 1) * length
+    return (index.view(index.shape[0], *([1] * (len(lead) - 1)), index.shape[1]) + offsets).flatten()
+
+
+def _rows(tensor: Tensor, index: Tensor, dim: int, flat: Tensor | None = None) -> Tensor:
+    """Rows `index` (B, m) along `dim` of a (B, n, ...) or (B, H, n, ...) tensor; flat: their
+    _flat_index, when the caller shares one between tensors of the same layout.
 
     One index_select over a flattened view copies whole contiguous rows; torch.gather with an
     expanded index is several times slower on CPU for attention-sized tensors.
     """
     lead, rest = tensor.shape[:dim], tensor.shape[dim + 1 :]
-    length, kept = tensor.shape[dim], index.shape[1]
-    offsets = torch.arange(lead.numel(), device=index.device).view(*lead, 1) * length
-    flat = (index.view(index.shape[0], *([1] * (dim - 1)), kept) + offsets).flatten()
-    return tensor.reshape(-1, *rest).index_select(0, flat).view(*lead, kept, *rest)
+    flat = _flat_index(index, lead, tensor.shape[dim]) if flat is None else flat
+    return tensor.reshape(-1, *rest).index_select(0, flat).view(*lead, index.shape[1], *rest)
 
 
 class PrunableEncoder:
@@ -194,15 +200,17 @@ class PrunableEncoder:
             return state.with_hidden(hidden), trace
 
         slots, new_mask = state.gather_index(decision)
-        if full_context is not None:
-            context = _rows(full_context, slots, dim=2)
+        token_rows = _flat_index(slots, x.shape[:1], x.shape[1])  # shared by the (B, n, ...) tensors below
+        if full_context is not None:  # heads merged first: whole token rows, gathered like the layer input's
+            merged = _rows(full_context.transpose(1, 2).flatten(2), slots, 1, token_rows)
+            context = merged.unflatten(2, (-1, slicer.head_dim)).transpose(1, 2)  # the out-projection reads it in place
         elif probs is not None:
             context = self._weighted(_rows(probs, slots, dim=2), value, dropout, training)
         else:  # chosen without scores: fused attention of the kept query rows only
             kept_bias = _rows(bias, slots, dim=2) if bias.shape[2] > 1 else bias  # per-query bias rows
             context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, parts, dropout)
-        kept_input = _rows(x, slots, dim=1)
-        kept_residual = kept_input if residual is x else _rows(residual, slots, dim=1)
+        kept_input = _rows(x, slots, 1, token_rows)
+        kept_residual = kept_input if residual is x else _rows(residual, slots, 1, token_rows)
         hidden = self._finish(parts, context, kept_residual, kept_input, heads, kernels, hook)
         n_out = new_mask.sum(dim=1)
         trace = LayerTrace(

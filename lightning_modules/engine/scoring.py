@@ -16,7 +16,10 @@ def score_vector(probs: Tensor, mask: Tensor, causal: bool = False) -> Tensor:
     (the engine keeps tokens in their original order).
     """
     real = mask.to(probs.dtype)
-    received = torch.matmul(real[:, None, None, :], probs).sum(dim=1).squeeze(1) / probs.shape[1]
+    batch, heads, length, _ = probs.shape
+    # every head's query rows as one block: a (1 x hn) @ (hn x n) product per example
+    rows = torch.bmm(real.repeat(1, heads)[:, None, :], probs.reshape(batch, heads * length, length))
+    received = rows.squeeze(1) / heads
     if causal:
         received = received / real.flip(1).cumsum(1).flip(1).clamp(min=1)
     return received * real
