@@ -18,7 +18,8 @@ def score_vector(probs: Tensor, mask: Tensor, causal: bool = False) -> Tensor:
     real = mask.to(probs.dtype)
     batch, heads, length, _ = probs.shape
     # every head's query rows as one block: a (1 x hn) @ (hn x n) product per example
-    rows = torch.bmm(real.repeat(1, heads)[:, None, :], probs.reshape(batch, heads * length, length))
+    real_rows = real[:, None, :].expand(batch, heads, length).reshape(batch, 1, heads * length)
+    rows = torch.bmm(real_rows, probs.reshape(batch, heads * length, length))
     received = rows.squeeze(1) / heads
     if causal:
         received = received / real.flip(1).cumsum(1).flip(1).clamp(min=1)
