@@ -107,9 +107,10 @@ def _layer_on(kernels: PassKernels, layer: nn.Linear, x: Tensor) -> Tensor:
 @contextlib.contextmanager
 def stock_linears(model: nn.Module, kernels: PassKernels) -> Iterator[None]:
     """Inside, the nn.Linear layers of `model` compute with `kernels.linear` (the throughput
-    reference: a stock HF model with the engine's GEMM kernel). Each layer's forward is swapped for
-    the duration rather than a TorchFunctionMode entered, whose interception of every torch call
-    (about 4% of a stock pass, measured) would slow the reference and flatter the engine."""
+    reference: a stock HF model with the engine's GEMM kernel; GPT-2's Conv1D layers keep addmm).
+    Each layer's forward is swapped for the duration rather than a TorchFunctionMode entered, whose
+    interception of every torch call (1-4% of a stock pass, measured) would slow the reference and
+    flatter the engine."""
     if not kernels.onednn:
         yield
         return
