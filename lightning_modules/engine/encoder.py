@@ -31,12 +31,21 @@ ContextHook = Callable[[int, Tensor], Tensor]  # (layer index, context (B, h, m,
 
 
 def _project(
-    projection: Projection, x: Tensor, heads: Tensor | None, slicer: HeadSlicer, kernels: PassKernels
-) -> Tensor:
-    """Q/K/V projection of x (B, n, d) to (B, h, n, d_h), computing only the rows of `heads`."""
-    weight, bias = (projection.weight, projection.bias) if heads is None else slicer.rows(projection, heads)
-    out = kernels.linear(x, weight, bias)
-    return out.view(*x.shape[:2], -1, slicer.head_dim).transpose(1, 2)
+    projections: Sequence[Projection],
+    x: Tensor,
+    heads: Tensor | None,
+    scale: float,
+    slicer: HeadSlicer,
+    kernels: PassKernels,
+    head_major: bool,
+) -> tuple[Tensor, ...]:
+    """Projections of x (B, n, d) that read it (Q and K, or Q, K and V), each (B, h, n, d_h) for
+    the rows of `heads`, from one GEMM; the first one times `scale`. head_major: copied once into
+    contiguous head-major blocks (eager attention reads them in place), else strided views."""
+    weight, bias = slicer.stacked_rows(projections, heads, scale)
+    out = kernels.linear(x, weight, bias).unflatten(-1, (len(projections), -1, slicer.head_dim))
+    out = out.permute(2, 0, 3, 1, 4)  # (projection, B, h, n, d_h)
+    return (out.contiguous() if head_major else out).unbind(0)
 
 
 def _out_project(
@@ -74,7 +83,7 @@ class PrunableEncoder:
 
     def __init__(self, adapter: EncoderAdapter) -> None:
         self.adapter = adapter
-        self.head_slicer = HeadSlicer(adapter.head_dim, capacity=7 * adapter.num_layers)
+        self.head_slicer = HeadSlicer(adapter.head_dim, capacity=5 * adapter.num_layers)
 
     def __call__(
         self,
@@ -161,25 +170,30 @@ class PrunableEncoder:
         else:
             with kernels.modules():
                 query_key_input, value_input, residual = inputs(x)
-        query = _project(parts.query, query_key_input, heads, slicer, kernels)
-        key = _project(parts.key, query_key_input, heads, slicer, kernels)
-        value = _project(parts.value, value_input, heads, slicer, kernels)
+        # the softmax scale is folded into the query rows: every attention below uses scale 1
+        scale = parts.scale if parts.scale is not None else slicer.head_dim**-0.5
+        eager = pruner is not None and pruner.needs_scores  # attention probabilities computed here
+        if value_input is query_key_input:
+            query, key, value = _project(
+                (parts.query, parts.key, parts.value), query_key_input, heads, scale, slicer, kernels, eager
+            )
+        else:
+            query, key = _project((parts.query, parts.key), query_key_input, heads, scale, slicer, kernels, eager)
+            (value,) = _project((parts.value,), value_input, heads, 1.0, slicer, kernels, eager)
         if heads is not None and bias.shape[1] > 1:  # a per-head bias (T5): the kept heads' rows
             bias = bias[:, heads]
         n_in = state.lengths
 
         if pruner is None:
-            context = self._attend(query, key, value, bias, parts, dropout)
+            context = self._attend(query, key, value, bias, dropout)
             hidden = self._finish(parts, context, residual, x, heads, kernels, hook)
             return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
 
         probs = scores = full_context = None
         if pruner.needs_scores and chunked_attention_applies(query, dropout):
-            full_context, scores = attention_with_scores(
-                query, key, value, bias, state.mask, parts.scale, adapter.causal
-            )
+            full_context, scores = attention_with_scores(query, key, value, bias, state.mask, 1.0, adapter.causal)
         elif pruner.needs_scores:
-            probs = softmax_attention(query, key, bias, parts.scale)
+            probs = softmax_attention(query, key, bias, 1.0)
             if pruner.scores_after_dropout and training and dropout > 0:  # the context uses the same draw
                 probs, dropout = F.dropout(probs, p=dropout), 0.0
             scores = score_vector(probs, state.mask, adapter.causal)
@@ -191,7 +205,7 @@ class PrunableEncoder:
                 full_context = (
                     self._weighted(probs, value, dropout, training)
                     if probs is not None
-                    else self._attend(query, key, value, bias, parts, dropout)
+                    else self._attend(query, key, value, bias, dropout)
                 )
             hidden = self._finish(parts, full_context, residual, x, heads, kernels, hook) * decision[..., None]
             trace = LayerTrace(
@@ -208,7 +222,7 @@ class PrunableEncoder:
             context = self._weighted(_rows(probs, slots, dim=2), value, dropout, training)
         else:  # chosen without scores: fused attention of the kept query rows only
             kept_bias = _rows(bias, slots, dim=2) if bias.shape[2] > 1 else bias  # per-query bias rows
-            context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, parts, dropout)
+            context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, dropout)
         kept_input = _rows(x, slots, 1, token_rows)
         kept_residual = kept_input if residual is x else _rows(residual, slots, 1, token_rows)
         hidden = self._finish(parts, context, kept_residual, kept_input, heads, kernels, hook)
@@ -228,9 +242,10 @@ class PrunableEncoder:
         return torch.empty_like(decision).scatter_(1, order, decision)
 
     @staticmethod
-    def _attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, parts: LayerParts, dropout: float) -> Tensor:
-        """Fused attention context of `query` over all keys (bias: the additive term of these rows)."""
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=parts.scale)
+    def _attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, dropout: float) -> Tensor:
+        """Fused attention context of the (pre-scaled) `query` over all keys (bias: the additive
+        term of these rows)."""
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=1.0)
 
     @staticmethod
     def _weighted(probs: Tensor, value: Tensor, dropout: float, training: bool) -> Tensor:

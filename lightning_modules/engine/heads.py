@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,51 +27,75 @@ def _source_key(tensor: Tensor) -> tuple[Hashable, ...]:
 
 
 class HeadSlicer:
-    """Q/K/V rows and output-projection columns of kept attention heads, cached at inference.
+    """Stacked Q/K/V rows and output-projection columns of kept attention heads, cached at inference.
 
-    capacity: slices kept, least recently used dropped first. The engine keeps one head
-    configuration's worth (at most 7 per layer: Q/K/V rows and biases, out-projection columns), so
-    the cache never holds more than the model's attention weights: an evaluation or a benchmark
-    repeats one configuration, a search moves from one to the next.
+    capacity: tensors kept, least recently used dropped first. The engine keeps one head
+    configuration's worth (at most 5 per layer: the stacked Q/K/V weight and bias, a second pair
+    when V reads another input (MobileBERT), out-projection columns), so the cache holds about one
+    copy of the model's attention weights: an evaluation or a benchmark repeats one
+    configuration, a search moves from one to the next.
     """
 
     def __init__(self, head_dim: int, capacity: int = 64) -> None:
         self.head_dim = head_dim
         self.capacity = capacity
-        self._cache: OrderedDict[tuple[Hashable, ...], tuple[weakref.ref[Tensor], Tensor]] = OrderedDict()
+        self._cache: OrderedDict[tuple[Hashable, ...], tuple[list[weakref.ref[Tensor]], Tensor]] = OrderedDict()
 
-    def rows(self, projection: Projection, heads: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Weight rows and bias entries of `heads` of a Q/K/V projection (out = H * d_h)."""
+    def stacked_rows(
+        self, projections: Sequence[Projection], heads: Tensor | None, scale: float = 1.0
+    ) -> tuple[Tensor, Tensor | None]:
+        """One weight and bias holding the rows of `heads` (None: all heads) of several projections
+        of the same input, side by side, the first projection's rows times `scale`: Q, K and V as
+        one GEMM with the softmax scale folded into Q (DESIGN.md s.3). A projection without a bias
+        contributes zeros when another has one."""
         head_dim = self.head_dim
-        weight = self._cached(
-            "rows", projection.weight, heads, lambda w: w.view(-1, head_dim, w.shape[-1])[heads].flatten(0, 1)
-        )
-        bias = projection.bias
-        if bias is not None:
-            bias = self._cached("bias", bias, heads, lambda b: b.view(-1, head_dim)[heads].flatten())
-        return weight, bias
+
+        def head_rows(tensor: Tensor) -> Tensor:
+            return tensor if heads is None else tensor.view(-1, head_dim, *tensor.shape[1:])[heads].flatten(0, 1)
+
+        def stack(tensors: Sequence[Tensor]) -> Tensor:
+            first, *rest = (head_rows(tensor) for tensor in tensors)
+            return torch.cat([first * scale if scale != 1.0 else first, *rest])
+
+        weights = [projection.weight for projection in projections]
+        weight = self._cached("rows", weights, heads, scale, lambda: stack(weights))
+        if all(projection.bias is None for projection in projections):
+            return weight, None
+        biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in projections]
+        return weight, self._cached("bias", biases, heads, scale, lambda: stack(biases))
 
     def columns(self, projection: Projection, heads: Tensor) -> Tensor:
         """Weight columns of `heads` of an output projection (in = H * d_h)."""
-        head_dim = self.head_dim
+        weight = projection.weight
         return self._cached(
             "columns",
-            projection.weight,
+            [weight],
             heads,
-            lambda w: w.view(w.shape[0], -1, head_dim)[:, heads].flatten(1, 2),
+            1.0,
+            lambda: weight.view(weight.shape[0], -1, self.head_dim)[:, heads].flatten(1, 2),
         )
 
-    def _cached(self, kind: str, tensor: Tensor, heads: Tensor, slice_: Callable[[Tensor], Tensor]) -> Tensor:
-        if torch.is_grad_enabled():  # autograd may need the slice: a fresh, differentiable one
-            return slice_(tensor)
-        owner = tensor._base if tensor._base is not None else tensor
-        key = (kind, id(owner), _source_key(tensor), tuple(heads.tolist()))
+    def _cached(
+        self, kind: str, tensors: Sequence[Tensor], heads: Tensor | None, scale: float, build: Callable[[], Tensor]
+    ) -> Tensor:
+        """build(): a tensor made from `tensors`; at inference the one made last time for the same
+        tensors, values, heads and scale."""
+        if torch.is_grad_enabled():  # autograd may need it: a fresh, differentiable one
+            return build()
+        owners = [tensor._base if tensor._base is not None else tensor for tensor in tensors]
+        key = (
+            kind,
+            tuple(id(owner) for owner in owners),
+            tuple(_source_key(tensor) for tensor in tensors),
+            None if heads is None else tuple(heads.tolist()),
+            scale,
+        )
         hit = self._cache.get(key)
-        if hit is not None and hit[0]() is owner:
+        if hit is not None and all(ref() is owner for ref, owner in zip(hit[0], owners)):
             self._cache.move_to_end(key)
             return hit[1]
-        sliced = slice_(tensor).contiguous()
-        self._cache[key] = (weakref.ref(owner), sliced)
+        built = build().contiguous()
+        self._cache[key] = ([weakref.ref(owner) for owner in owners], built)
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
-        return sliced
+        return built

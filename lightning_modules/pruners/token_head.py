@@ -94,7 +94,7 @@ class TokenHeadPruner(LengthConfigPruner):
             check_head_gene(heads_pruned, num_layers, num_heads) if heads_pruned is not None else (0,) * num_layers
         )
         self.register_buffer("head_importance", torch.full((num_layers, num_heads), math.nan))
-        self._ranked_heads: tuple[tuple[int, int, torch.device], Tensor] | None = None
+        self._kept_heads: tuple[tuple[int, int, torch.device], tuple[Tensor, ...]] | None = None
 
     def with_gene(self, gene: Sequence[int]) -> TokenHeadPruner:
         """Another length gene, the same heads (and the same importance tensor)."""
@@ -133,19 +133,22 @@ class TokenHeadPruner(LengthConfigPruner):
     def kept_heads(self, layer: int) -> Tensor | None:
         if self.heads_gene[layer] == 0:
             return None
-        kept = self.num_heads - self.heads_gene[layer]
-        return self._ranking()[layer, :kept].sort().values
+        return self._kept_per_layer()[layer]
 
-    def _ranking(self) -> Tensor:
-        """Heads of every layer, most important first, (L, H): ranked once per importance tensor
-        and change to it (the engine asks for every layer of every batch)."""
+    def _kept_per_layer(self) -> tuple[Tensor, ...]:
+        """Each layer's kept heads, ascending: its H - h_l most important. Ranked once per
+        importance tensor and change to it (the engine asks for every layer of every batch)."""
         importance = self.head_importance
         key = (importance.data_ptr(), importance._version, importance.device)
-        if self._ranked_heads is None or self._ranked_heads[0] != key:
+        if self._kept_heads is None or self._kept_heads[0] != key:
             if not self.has_head_importance:
                 raise RuntimeError(
                     "pruner.heads_pruned needs head importance, which module=token_head_adaptive computes "
                     "(stage sandwich) and saves in its checkpoint; this model has none"
                 )
-            self._ranked_heads = key, torch.argsort(importance, dim=1, descending=True, stable=True)
-        return self._ranked_heads[1]
+            ranking = torch.argsort(importance, dim=1, descending=True, stable=True)
+            kept = tuple(
+                ranking[layer, : self.num_heads - pruned].sort().values for layer, pruned in enumerate(self.heads_gene)
+            )
+            self._kept_heads = key, kept
+        return self._kept_heads[1]
