@@ -9,9 +9,10 @@ import pytest
 from apps import FAST, compose_app
 
 from tokenprune.apps.bench import measure_and_write
+from tokenprune.apps.ledger import export
 from tokenprune.apps.search import run_search
 from tokenprune.apps.table import build, results_page
-from tokenprune.apps.train import train
+from tokenprune.apps.train import train, train_stages
 
 
 def test_table_takes_each_seeds_point_at_every_level_and_joins_benches(tmp_path):
@@ -50,3 +51,42 @@ def test_table_takes_each_seeds_point_at_every_level_and_joins_benches(tmp_path)
     benched = again["points"].dropna(subset=["measured_speedup"])
     assert len(benched) == 1 and benched.iloc[0].seed == 1 and benched.iloc[0].measured_speedup > 0
     assert len(again["plan"]) == len(plan) - 1, "a benched point leaves the plan"
+
+
+def test_a_ledger_copy_builds_the_same_table_and_never_replaces_a_file(tmp_path):
+    root = tmp_path / "sweep"
+    unpruned = train(compose_app("train", [*FAST, "seed=1", "run_name=unpruned-s1"], root / "u1"))
+    overrides = [*FAST, "seed=1", "experiment=length_adaptive", "module.num_sandwich=1", "run_name=length_adaptive-s1"]
+    experiment = train_stages(compose_app("train", overrides, root / "la1"), overrides)
+    run_search(
+        compose_app(
+            "search",
+            [
+                "logger=csv",
+                f"checkpoint={unpruned['last_checkpoint']}",
+                "search=keep_ratio_grid",
+                "search.values=[0.4,0.7]",
+                "run_name=topk-s1",
+            ],
+            root / "topk1",
+        )
+    )
+    ledger = tmp_path / "ledger"
+    copied = export(root, ledger / "session1")
+    assert {path.name for path in copied} == {"results.json", "config.yaml", "front.csv"}
+    assert not list(ledger.rglob("*.ckpt")) and not list(ledger.rglob("wandb"))
+    assert (ledger / "session1" / "la1" / "finetune" / ".hydra" / "config.yaml").is_file(), "stages are copied too"
+
+    original, copy = build(root, [0.5, 1.0], tmp_path / "t1"), build(ledger, [0.5, 1.0], tmp_path / "t2")
+    pd.testing.assert_frame_equal(original["table"], copy["table"])
+    trained = copy["points"][copy["points"].kind == "train"]
+    assert sorted(trained.method) == ["length_adaptive", "unpruned"], "an experiment counts once, not per stage"
+    assert trained[trained.method == "length_adaptive"].score.item() == experiment["report"]["report/accuracy"]
+
+    assert export(root, ledger / "session1") == [], "an identical copy again copies nothing"
+    front = ledger / "session1" / "topk1" / "front.csv"
+    front.write_text(front.read_text().replace("topk", "edited"))
+    (root / "u1" / "results.json").unlink()  # (a file the ledger has and the sweep lost stays)
+    with pytest.raises(FileExistsError, match="differ"):
+        export(root, ledger / "session1")
+    assert "edited" in front.read_text() and (ledger / "session1" / "u1" / "results.json").is_file()

@@ -54,6 +54,15 @@ def saved_run(folder: Path) -> tuple[str, int, DictConfig] | None:
     return (match["method"], int(match["seed"]), settings) if match else None
 
 
+def stage_folders(folder: Path, result: dict[str, Any]) -> set[Path]:
+    """Where the stage runs of the experiment whose results.json lies in `folder` are: at the same
+    place relative to it when they ran inside the experiment's folder (so also in a copy of the
+    sweep, tokenprune-ledger), else where they ran."""
+    experiment = Path(result["run_dir"])
+    stages = [Path(stage["run_dir"]) for stage in result.get("stages", {}).values()]
+    return {folder / stage.relative_to(experiment) if stage.is_relative_to(experiment) else stage for stage in stages}
+
+
 def training_points(root: Path) -> list[dict[str, Any]]:
     """One point per finished training run (experiments once, reused results once)."""
     results = {}
@@ -62,7 +71,7 @@ def training_points(root: Path) -> list[dict[str, Any]]:
             results[path.parent] = json.loads(path.read_text())
         except ValueError:  # being written by a run that is still going
             continue
-    stage_dirs = {Path(stage["run_dir"]) for r in results.values() for stage in r.get("stages", {}).values()}
+    stage_dirs = {stage for folder, result in results.items() for stage in stage_folders(folder, result)}
     points, seen = [], set()
     for folder, result in results.items():
         run = saved_run(folder)

@@ -1,0 +1,67 @@
+"""Copy what tokenprune-table reads from a sweep's output folder into a ledger kept in git.
+
+    tokenprune-ledger outputs/methods_table/rt_sentiment-<time> docs/results/runs/rt_sentiment/<name>
+    tokenprune-table docs/results/runs/rt_sentiment --page docs/results/rt_sentiment.md
+
+A table of every method x 3 seeds needs more compute than one session on one machine, and a
+sweep's folder lives on that machine. The ledger keeps the small files the table is built from
+(each run's results.json and saved settings, search fronts and ACC's offline tuning, bench
+results), so sweeps run in different sessions (other seeds, other methods) add up to one table:
+tokenprune-table reads every run below the folder it is given. Checkpoints, W&B files and logs
+stay behind. A copy never replaces a file: if the ledger holds a file of the same name with other
+contents, nothing is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+from pathlib import Path
+
+TABLE_INPUTS = ("results.json", "front.csv", "offline_tuning.csv", "bench.json")
+SETTINGS = Path(".hydra") / "config.yaml"  # a run's resolved settings: its run_name, task, pruner
+
+
+def ledger_files(root: Path) -> list[Path]:
+    """The files tokenprune-table reads under `root`, relative to it: the TABLE_INPUTS and the
+    saved settings of the runs that wrote them."""
+    files: set[Path] = set()
+    for name in TABLE_INPUTS:
+        for path in root.glob(f"**/{name}"):
+            files.add(path.relative_to(root))
+            if (path.parent / SETTINGS).is_file():
+                files.add(path.parent.relative_to(root) / SETTINGS)
+    return sorted(files)
+
+
+def export(root: Path, ledger: Path) -> list[Path]:
+    """Copy `ledger_files(root)` into `ledger` (same relative paths); returns the files copied
+    (files already there with the same contents are skipped)."""
+    files = ledger_files(root)
+    if not files:
+        raise FileNotFoundError(f"{root} holds none of {', '.join(TABLE_INPUTS)}: not a sweep's output folder")
+    clashes = [f for f in files if (ledger / f).exists() and not filecmp.cmp(root / f, ledger / f, shallow=False)]
+    if clashes:
+        raise FileExistsError(
+            f"{len(clashes)} files under {ledger} differ from the sweep's (first: {clashes[0]}); nothing was copied: "
+            "export into a new folder"
+        )
+    copied = [f for f in files if not (ledger / f).exists()]
+    for relative in copied:
+        (ledger / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / relative, ledger / relative)
+    return copied
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="the sweep's output folder (TOKENPRUNE_OUTPUTS of sweeps/methods_table.sh)")
+    parser.add_argument("ledger", help="where the copy goes, e.g. docs/results/runs/<task>/<name>")
+    args = parser.parse_args()
+    copied = export(Path(args.root), Path(args.ledger))
+    print(f"{len(copied)} files copied to {args.ledger}")
+
+
+if __name__ == "__main__":
+    main()
