@@ -19,7 +19,8 @@ import filecmp
 import shutil
 from pathlib import Path
 
-TABLE_INPUTS = ("results.json", "front.csv", "offline_tuning.csv", "bench.json")
+from tokenprune.apps.table import TABLE_INPUTS
+
 SETTINGS = Path(".hydra") / "config.yaml"  # a run's resolved settings: its run_name, task, pruner
 
 

@@ -42,6 +42,9 @@ from tokenprune.search.pareto import plot_pareto
 RUN_NAME = re.compile(r"^(?P<method>.+)-s(?P<seed>\d+)$")
 UNPRUNED = "unpruned"
 BENCH_COMMAND = "tokenprune-bench checkpoint={checkpoint}"
+# The files a table is built from, in a run's folder (tokenprune-ledger copies them).
+RESULTS, FRONT, OFFLINE_TUNING, BENCH = "results.json", "front.csv", "offline_tuning.csv", "bench.json"
+TABLE_INPUTS = (RESULTS, FRONT, OFFLINE_TUNING, BENCH)
 
 
 def saved_run(folder: Path) -> tuple[str, int, DictConfig] | None:
@@ -66,7 +69,7 @@ def stage_folders(folder: Path, result: dict[str, Any]) -> set[Path]:
 def training_points(root: Path) -> list[dict[str, Any]]:
     """One point per finished training run (experiments once, reused results once)."""
     results = {}
-    for path in sorted(root.glob("**/results.json")):
+    for path in sorted(root.glob(f"**/{RESULTS}")):
         try:
             results[path.parent] = json.loads(path.read_text())
         except ValueError:  # being written by a run that is still going
@@ -99,9 +102,9 @@ def search_table(folder: Path) -> pd.DataFrame:
     """A search's report-split points: its front, or for ACC's offline tuning every SC value with
     its measured speedup (`offline_tuning.csv`, the SV-sorted rows; the ablation orders are not
     methods of their own)."""
-    tuning = folder / "offline_tuning.csv"
+    tuning = folder / OFFLINE_TUNING
     if not tuning.is_file():
-        return pd.read_csv(folder / "front.csv")
+        return pd.read_csv(folder / FRONT)
     table = pd.read_csv(tuning)
     table = table[table.order == "sv"] if "order" in table else table
     return table.assign(score=table.report_score, flops_ratio=table.report_flops_ratio)
@@ -110,7 +113,7 @@ def search_table(folder: Path) -> pd.DataFrame:
 def search_points(root: Path) -> list[dict[str, Any]]:
     """The report-split points of every search run (`search_table`)."""
     points = []
-    for path in sorted(root.glob("**/front.csv")):
+    for path in sorted(root.glob(f"**/{FRONT}")):
         run = saved_run(path.parent)
         if run is None:
             continue
@@ -135,7 +138,7 @@ def search_points(root: Path) -> list[dict[str, Any]]:
 def bench_points(root: Path) -> pd.DataFrame:
     """Measured speedups of pruned configurations: method, seed, flops_ratio, measured_speedup."""
     rows = []
-    for path in sorted(root.glob("**/bench.json")):
+    for path in sorted(root.glob(f"**/{BENCH}")):
         run = saved_run(path.parent)
         if run is None:
             continue

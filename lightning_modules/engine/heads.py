@@ -59,10 +59,17 @@ class HeadSlicer:
 
         weights = [projection.weight for projection in projections]
         weight = self._cached("rows", weights, heads, scale, lambda: stack(weights))
-        if all(projection.bias is None for projection in projections):
+        biases = [projection.bias for projection in projections]
+        present = [bias for bias in biases if bias is not None]
+        if not present:
             return weight, None
-        biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in projections]
-        return weight, self._cached("bias", biases, heads, scale, lambda: stack(biases))
+        missing = tuple(bias is None for bias in biases)  # keyed: which projections contribute zeros
+
+        def filled() -> Tensor:
+            zeros = [w.new_zeros(w.shape[0]) for w in weights]
+            return stack([zero if bias is None else bias for bias, zero in zip(biases, zeros)])
+
+        return weight, self._cached(f"bias{missing}", present, heads, scale, filled)
 
     def columns(self, projection: Projection, heads: Tensor) -> Tensor:
         """Weight columns of `heads` of an output projection (in = H * d_h)."""
