@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from apps import FAST, compose_app
@@ -11,7 +13,15 @@ from apps import FAST, compose_app
 from tokenprune.apps.bench import measure_and_write
 from tokenprune.apps.ledger import export
 from tokenprune.apps.search import run_search
-from tokenprune.apps.table import build, results_page
+from tokenprune.apps.table import (
+    build,
+    level_table,
+    lossless_flops,
+    markdown,
+    one_setting,
+    results_page,
+    unpruned_scores,
+)
 from tokenprune.apps.train import train, train_stages
 
 
@@ -90,3 +100,33 @@ def test_a_ledger_copy_builds_the_same_table_and_never_replaces_a_file(tmp_path)
     with pytest.raises(FileExistsError, match="differ"):
         export(root, ledger / "session1")
     assert "edited" in front.read_text() and (ledger / "session1" / "u1" / "results.json").is_file()
+
+
+def test_the_page_counts_lossless_seeds_marks_methods_not_run_and_refuses_mixed_tasks():
+    def point(method: str, seed: int, score: float, flops: float) -> dict:
+        return {"method": method, "seed": seed, "score": score, "flops_ratio": flops, "measured_speedup": np.nan}
+
+    points = pd.DataFrame(
+        [
+            point("unpruned", 1, 0.80, 1.0),
+            point("unpruned", 2, 0.90, 1.0),
+            point("topk", 1, 0.80, 0.4),  # lossless at 0.4 for seed 1 ...
+            point("topk", 1, 0.70, 0.3),
+            point("topk", 2, 0.85, 0.45),  # ... and never for seed 2
+        ]
+    )
+    unpruned = unpruned_scores(points)
+    table, lossless = level_table(points, [0.5], unpruned), lossless_flops(points, unpruned)
+    row = lossless.set_index("method").loc["topk"]
+    assert row.lossless_flops_ratio == pytest.approx(0.4) and (row.seeds_lossless, row.seeds) == (1, 2)
+    built = {"table": table, "lossless": lossless, "markdown": markdown(table, lossless, unpruned), "devices": []}
+    page = results_page(built | {"backbones": ["minilm_l6"], "tasks": ["rt_sentiment"]}, Path("sweep"), "cmd")
+    assert "# Results: rt_sentiment on minilm_l6" in page
+    assert "| topk | 0.8250 +- 0.0354 (-0.0250) | not benched | 0.400x (1 of 2 seeds) |" in page
+    assert "| ltp | not run | not run | not run |" in page, "a published method without runs is not 'none'"
+    single = unpruned_scores(points[points.seed == 1])
+    assert "nan" not in markdown(level_table(points[points.seed == 1], [0.5], single), lossless, single)
+
+    mixed = pd.DataFrame({"task": ["rt_sentiment", "sms_spam", None]})
+    with pytest.raises(ValueError, match="several task settings.*one table per task"):
+        one_setting(mixed, "task")

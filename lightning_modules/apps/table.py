@@ -93,6 +93,8 @@ def training_points(root: Path) -> list[dict[str, Any]]:
                 "measured_speedup": np.nan,
                 "bench": BENCH_COMMAND.format(checkpoint=result["last_checkpoint"]),
                 "source": result["run_dir"],
+                "backbone": settings.backbone.name,
+                "task": settings.task.name,
             }
         )
     return points
@@ -202,16 +204,26 @@ def level_table(points: pd.DataFrame, levels: list[float], unpruned: pd.Series) 
 
 
 def lossless_flops(points: pd.DataFrame, unpruned: pd.Series) -> pd.DataFrame:
-    """Per method: the fewest relative FLOPs that keep each seed's unpruned accuracy, averaged
-    over seeds (NaN for a seed where no point does)."""
+    """Per method: the fewest relative FLOPs that keep a seed's unpruned accuracy, averaged over
+    the seeds that have such a point (`seeds_lossless` of `seeds`; NaN when none has)."""
     rows = []
     for method, group in points[points.method != UNPRUNED].groupby("method", sort=True):
-        per_seed = [
-            seeded[seeded.score >= unpruned.get(seed, np.inf)].flops_ratio.min()
-            for seed, seeded in group.groupby("seed")
-        ]
-        rows.append({"method": method, "lossless_flops_ratio": float(np.mean(per_seed)), "seeds": len(per_seed)})
-    return pd.DataFrame(rows)
+        per_seed = pd.Series(
+            [
+                seeded[seeded.score >= unpruned.get(seed, np.inf)].flops_ratio.min()
+                for seed, seeded in group.groupby("seed")
+            ]
+        )
+        found = per_seed.dropna()
+        rows.append(
+            {
+                "method": method,
+                "lossless_flops_ratio": found.mean() if len(found) else np.nan,
+                "seeds_lossless": len(found),
+                "seeds": len(per_seed),
+            }
+        )
+    return pd.DataFrame(rows, columns=["method", "lossless_flops_ratio", "seeds_lossless", "seeds"])
 
 
 def bench_plan(points: pd.DataFrame, levels: list[float]) -> list[str]:
@@ -226,18 +238,47 @@ def bench_plan(points: pd.DataFrame, levels: list[float]) -> list[str]:
     ]
 
 
+def mean_std(mean: float, std: float) -> str:
+    """`mean +- std`, or the mean alone when there is one seed."""
+    return f"{mean:.4f} +- {std:.4f}" if not np.isnan(std) else f"{mean:.4f}"
+
+
+def unpruned_line(unpruned: pd.Series) -> str:
+    seeds = len(unpruned)
+    spread = unpruned.std(ddof=1) if seeds > 1 else np.nan
+    return f"Unpruned: {mean_std(unpruned.mean(), spread)} over {seeds} seed{'s' if seeds > 1 else ''}"
+
+
+def by_level(table: pd.DataFrame) -> pd.DataFrame:
+    """Method x level, each cell `accuracy @ FLOPs ratio (measured / FLOPs)`, as one reads a front."""
+    cells = table.assign(
+        cell=[
+            f"{mean_std(row.accuracy_mean, row.accuracy_std)} @{row.flops_ratio:.3f}"
+            + (f" ({row.measured_over_flops:.2f})" if not np.isnan(row.measured_over_flops) else "")
+            for row in table.itertuples()
+        ]
+    )
+    wide = cells.pivot(index="method", columns="level", values="cell").fillna("-")
+    wide.columns = [f"<= {level:g}x" for level in wide.columns]
+    return wide.reset_index()
+
+
+def missing_as_dash(frame: pd.DataFrame) -> str:
+    """A frame as markdown with 3 decimals and `-` where a value is missing (not `nan`)."""
+    return frame.astype(object).where(frame.notna(), None).to_markdown(index=False, floatfmt=".3f", missingval="-")
+
+
 def markdown(table: pd.DataFrame, lossless: pd.DataFrame, unpruned: pd.Series) -> str:
-    """table.md: the unpruned models, accuracy at each level, the fewest lossless FLOPs."""
-    accuracy = [
-        f"{mean:.4f} +- {std:.4f}" if not np.isnan(std) else f"{mean:.4f}"
-        for mean, std in zip(table.accuracy_mean, table.accuracy_std)
-    ]
+    """table.md: the unpruned models, accuracy at each level (wide, then long), the fewest lossless FLOPs."""
+    accuracy = [mean_std(mean, std) for mean, std in zip(table.accuracy_mean, table.accuracy_std)]
     shown = table.assign(accuracy=accuracy).drop(columns=["accuracy_mean", "accuracy_std"])
-    spread = unpruned.std(ddof=1) if len(unpruned) > 1 else float("nan")
     return (
-        f"Unpruned: {unpruned.mean():.4f} +- {spread:.4f} over {len(unpruned)} seeds\n\n"
-        f"## Accuracy at relative-FLOPs levels\n\n{shown.to_markdown(index=False, floatfmt='.3f')}\n\n"
-        f"## Fewest FLOPs without loss\n\n{lossless.to_markdown(index=False, floatfmt='.3f')}\n"
+        f"{unpruned_line(unpruned)}\n\n"
+        "## Accuracy at relative-FLOPs levels\n\n"
+        "Each cell: report accuracy (mean +- std over seeds) @ relative FLOPs (measured / FLOPs speedup).\n\n"
+        f"{by_level(table).to_markdown(index=False)}\n\n"
+        f"{missing_as_dash(shown)}\n\n"
+        f"## Fewest FLOPs without loss\n\n{missing_as_dash(lossless)}\n"
     )
 
 
@@ -250,24 +291,52 @@ PUBLISHED = {
 }
 
 
-def results_page(built: dict[str, Any], root: Path, command: str) -> str:
+def summary_row(method: str, built: dict[str, Any], level: float) -> str:
+    """One method's line of the page's summary: accuracy and speed at `level`, lossless FLOPs."""
+    lossless = built["lossless"].set_index("method")
+    if method not in lossless.index:
+        return f"| {method} | not run | not run | not run | {PUBLISHED.get(method, '')} |"
+    found = lossless.loc[method]
+    seeds, seeds_lossless = int(found.seeds), int(found.seeds_lossless)
+    flops = f"{found.lossless_flops_ratio:.3f}x" if seeds_lossless else "none"
+    at = built["table"][(built["table"].method == method) & (built["table"].level == level)]
+    if at.empty:
+        accuracy = speed = "no point"
+    else:
+        row = at.iloc[0]
+        accuracy = f"{mean_std(row.accuracy_mean, row.accuracy_std)} ({row.delta_vs_unpruned:+.4f})"
+        speed = "not benched" if np.isnan(row.measured_over_flops) else f"{row.measured_over_flops:.2f}"
+    return (
+        f"| {method} | {accuracy} | {speed} | {flops} ({seeds_lossless} of {seeds} seeds) "
+        f"| {PUBLISHED.get(method, '')} |"
+    )
+
+
+def results_page(built: dict[str, Any], root: Path, command: str, level: float = 0.5) -> str:
     """The results page: our table beside the papers' published figures, the machine, the command."""
-    lossless = built["lossless"].set_index("method")["lossless_flops_ratio"]
-    half = built["table"][built["table"].level == 0.5].set_index("method")
+    methods = sorted(set(built["lossless"].method) | set(PUBLISHED))
     lines = [
-        f"# Results: {root.name}",
+        f"# Results: {', '.join(built['tasks'])} on {', '.join(built['backbones'])}",
         "",
         f"Generated by `tokenprune-table` from the run outputs under `{root}`; do not edit by hand.",
         f"Command: `{command}`. Measured on: {', '.join(built['devices']) or 'no bench run yet'}.",
         "",
-        "| method | ours: fewest FLOPs without loss | ours: accuracy change at 0.5x FLOPs | published |",
-        "|---|---|---|---|",
+        "The papers' figures are on their own backbones and tasks; ours follow the page's title.",
+        "",
+        f"| method | ours: accuracy at <= {level:g}x FLOPs (change) | ours: measured / FLOPs speedup there "
+        "| ours: fewest FLOPs without loss | published |",
+        "|---|---|---|---|---|",
+        *(summary_row(method, built, level) for method in methods),
     ]
-    for method in sorted(set(lossless.index) | set(PUBLISHED)):
-        change = f"{half.delta_vs_unpruned[method]:+.4f}" if method in half.index else "n/a"
-        flops = f"{lossless[method]:.3f}x" if method in lossless.index and not np.isnan(lossless[method]) else "none"
-        lines.append(f"| {method} | {flops} | {change} | {PUBLISHED.get(method, '')} |")
     return "\n".join(lines) + "\n\n" + built["markdown"]
+
+
+def one_setting(points: pd.DataFrame, column: str) -> list[str]:
+    """The one backbone (or task) of a table's training runs; several in one root is an error."""
+    values = sorted(points[column].dropna().unique())
+    if len(values) > 1:
+        raise ValueError(f"the runs compared hold several {column} settings, {values}: one table per {column}")
+    return values
 
 
 def build(root: Path, levels: list[float], out: Path) -> dict[str, Any]:
@@ -275,6 +344,7 @@ def build(root: Path, levels: list[float], out: Path) -> dict[str, Any]:
     points = pd.DataFrame(training_points(root) + search_points(root))
     if points.empty or UNPRUNED not in set(points.method):
         raise FileNotFoundError(f"{root} holds no `{UNPRUNED}-s<seed>` training runs: nothing to compare against")
+    backbones, tasks = one_setting(points, "backbone"), one_setting(points, "task")
     benches = bench_points(root)
     points = with_benches(points, benches)
     unpruned = unpruned_scores(points)
@@ -300,6 +370,8 @@ def build(root: Path, levels: list[float], out: Path) -> dict[str, Any]:
         "points": points,
         "table": table,
         "lossless": lossless,
+        "backbones": backbones,
+        "tasks": tasks,
         "markdown": text,
         "plan": plan,
         "plot": plot,
