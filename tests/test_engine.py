@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import random_batch, tiny_model
 
-from tokenprune.engine import PrunableEncoder, attention
+from tokenprune.engine import PrunableEncoder, attention, encoder
 from tokenprune.engine.scoring import score_vector
 from tokenprune.pruners.ltp import LTPPruner
 from tokenprune.pruners.static import RandomPruner, SpAttenPruner, TopKPruner
@@ -55,6 +55,27 @@ def test_pruning_shortens_tensors_keeps_cls_never_padding(family, pruner_cls):
     rows = torch.arange(4)[:, None].expand_as(out.positions)[out.mask]
     assert mask[rows, kept_positions].all(), "a padding token was kept"
     assert [t.n_out.tolist() for t in out.trace][0] == real.tolist()
+
+
+def test_inference_after_pruning_computes_only_real_rows_with_the_same_result(family, monkeypatch):
+    """Rows that pruning left as padding are skipped at inference (PACK_MIN_PADDING): the real
+    rows equal those of a pass that computes every row; the input's own padding is computed as
+    the stock model does."""
+    _, adapter = tiny_model(family)
+    ids, mask = random_batch(batch=4, length=30)  # ragged: per-example keep counts differ
+    pruner = TopKPruner(adapter.num_layers, keep_ratio=0.4, start_layer=1)
+    engine = PrunableEncoder(adapter)
+    with torch.inference_mode():
+        packed = engine(ids, mask, pruner=pruner)
+        unpruned = engine(ids, mask)
+        monkeypatch.setattr(encoder, "PACK_MIN_PADDING", 2.0)  # never pack
+        every_row = engine(ids, mask, pruner=pruner)
+    assert torch.equal(packed.mask, every_row.mask) and torch.equal(packed.positions, every_row.positions)
+    torch.testing.assert_close(packed.hidden[packed.mask], every_row.hidden[every_row.mask], rtol=1e-5, atol=1e-5)
+    padding = ~packed.mask
+    assert padding.any() and packed.hidden[padding].abs().sum() == 0, "padding rows were computed"
+    assert every_row.hidden[padding].abs().sum() > 0
+    assert unpruned.hidden[~mask.bool()].abs().sum() > 0, "the unpruned input's padding runs like stock"
 
 
 def test_topk_keeps_the_most_attended_tokens():

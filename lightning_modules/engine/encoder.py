@@ -2,7 +2,8 @@
 
 The loop reuses the HF modules through an adapter and owns only the attention arithmetic, so
 that it can (a) give a pruner the score vector in the layers that prune, (b) compute the output
-projection and FFN for the kept rows only, and (c) slice attention heads. Layers that do not
+projection and FFN for the kept rows only (at inference only the real ones when pruning left much
+padding: PACK_MIN_PADDING), and (c) slice attention heads. Layers that do not
 prune use fused scaled-dot-product attention; pruning layers compute probabilities one batch
 chunk at a time at inference (engine/attention.py), on the whole batch when training. Family
 differences (what Q/K, V and the residual read: pre-norm, MobileBERT's bottlenecks; softmax scale,
@@ -28,32 +29,77 @@ from tokenprune.engine.scoring import score_vector
 from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
 
 ContextHook = Callable[[int, Tensor], Tensor]  # (layer index, context (B, h, m, d_h)) -> context
+# At inference, a layer whose rows are at least this share padding left by pruning computes its
+# row-wise parts (projections, FFN) for the real rows only (README "Measured": packing rows).
+PACK_MIN_PADDING = 0.1
 
 
 def _project(
     projections: Sequence[Projection],
     x: Tensor,
+    layout: tuple[int, int],
+    rows: Tensor | None,
     heads: Tensor | None,
     scale: float,
     slicer: HeadSlicer,
     kernels: PassKernels,
     head_major: bool,
 ) -> tuple[Tensor, ...]:
-    """Projections of x (B, n, d) that read it (Q and K, or Q, K and V), each (B, h, n, d_h) for
-    the rows of `heads`, from one GEMM; the first one times `scale`. head_major: copied once into
-    contiguous head-major blocks (eager attention reads them in place), else strided views."""
+    """Projections that read the rows x (R, d) (Q and K, or Q, K and V), each (B, h, n, d_h) for
+    the rows of `heads`, from one GEMM; the first one times `scale`. x holds the rows `rows` of the
+    (B, n) `layout` (None: all of them, in order); the other rows' projections are zero. head_major:
+    copied once into contiguous head-major blocks (eager attention reads them in place), else
+    strided views."""
     weight, bias = slicer.stacked_rows(projections, heads, scale)
-    out = kernels.linear(x, weight, bias).unflatten(-1, (len(projections), -1, slicer.head_dim))
+    out = _unpack(kernels.linear(x, weight, bias), rows, layout).unflatten(-1, (len(projections), -1, slicer.head_dim))
     out = out.permute(2, 0, 3, 1, 4)  # (projection, B, h, n, d_h)
     return (out.contiguous() if head_major else out).unbind(0)
 
 
 def _out_project(
-    projection: Projection, context: Tensor, heads: Tensor | None, slicer: HeadSlicer, kernels: PassKernels
+    projection: Projection, merged: Tensor, heads: Tensor | None, slicer: HeadSlicer, kernels: PassKernels
 ) -> Tensor:
-    """Output projection of context (B, h, m, d_h) to (B, m, d), using the columns of `heads`."""
+    """Output projection of the heads-merged context (..., h * d_h) to (..., d), using the columns
+    of `heads`."""
     weight = projection.weight if heads is None else slicer.columns(projection, heads)
-    return kernels.linear(context.transpose(1, 2).flatten(2), weight, projection.bias)
+    return kernels.linear(merged, weight, projection.bias)
+
+
+def _merge_heads(context: Tensor) -> Tensor:
+    """Per-head context (B, h, m, d_h) as token rows (B * m, h * d_h)."""
+    return context.transpose(1, 2).flatten(2).flatten(0, 1)
+
+
+def _unpack(out: Tensor, rows: Tensor | None, layout: tuple[int, int]) -> Tensor:
+    """Computed rows `out` (R, k) as a (B, m, k) tensor of the (B, m) `layout`: R = B * m in order
+    when `rows` is None, else the rows `rows` (flat indices) with zeros elsewhere."""
+    if rows is None:
+        return out.view(*layout, -1)
+    full = out.new_zeros(layout[0] * layout[1], out.shape[-1])
+    return full.index_copy_(0, rows, out).view(*layout, -1)
+
+
+def _packed_rows(mask: Tensor, lengths: Tensor) -> Tensor | None:
+    """The flat indices of the real rows of a (B, m) token layout whose real-token counts are
+    `lengths`, when at least PACK_MIN_PADDING of its rows are padding; None: compute every row."""
+    padding = mask.numel() - int(lengths.sum())
+    return mask.flatten().nonzero().squeeze(1) if padding >= PACK_MIN_PADDING * mask.numel() else None
+
+
+def _hooked(context: Tensor, hook: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The layer's context hook applied to its per-head context (see PrunableEncoder.__call__)."""
+    return context if hook is None else hook(context)
+
+
+def _computed_rows(tensors: Sequence[Tensor], rows: Tensor | None) -> list[Tensor]:
+    """(B, n, ...) tensors as their computed rows (R, ...): all (rows None) or `rows`; a tensor
+    that appears twice is gathered once."""
+    done: dict[int, Tensor] = {}
+    for tensor in tensors:
+        if id(tensor) not in done:
+            flat = tensor.flatten(0, 1)
+            done[id(tensor)] = flat if rows is None else flat.index_select(0, rows)
+    return [done[id(tensor)] for tensor in tensors]
 
 
 def _flat_index(index: Tensor, lead: torch.Size, length: int) -> Tensor:
@@ -63,15 +109,14 @@ def _flat_index(index: Tensor, lead: torch.Size, length: int) -> Tensor:
     return (index.view(index.shape[0], *([1] * (len(lead) - 1)), index.shape[1]) + offsets).flatten()
 
 
-def _rows(tensor: Tensor, index: Tensor, dim: int, flat: Tensor | None = None) -> Tensor:
-    """Rows `index` (B, m) along `dim` of a (B, n, ...) or (B, H, n, ...) tensor; flat: their
-    _flat_index, when the caller shares one between tensors of the same layout.
+def _rows(tensor: Tensor, index: Tensor, dim: int) -> Tensor:
+    """Rows `index` (B, m) along `dim` of a (B, n, ...) or (B, H, n, ...) tensor.
 
     One index_select over a flattened view copies whole contiguous rows; torch.gather with an
     expanded index is several times slower on CPU for attention-sized tensors.
     """
     lead, rest = tensor.shape[:dim], tensor.shape[dim + 1 :]
-    flat = _flat_index(index, lead, tensor.shape[dim]) if flat is None else flat
+    flat = _flat_index(index, lead, tensor.shape[dim])
     return tensor.reshape(-1, *rest).index_select(0, flat).view(*lead, index.shape[1], *rest)
 
 
@@ -116,6 +161,7 @@ class PrunableEncoder:
         full = state.hidden.new_zeros(batch, length + 1, width) if restore else None  # Drop-and-Restore buffer
         bias = adapter.attention_bias(state, state.hidden.dtype)
         trace: list[LayerTrace] = []
+        pruned = False  # whether a layer removed tokens: only that padding is packed, not the input's
         for index in range(adapter.num_layers):
             if index in skip_layers:
                 lengths = state.lengths
@@ -127,10 +173,11 @@ class PrunableEncoder:
                 full = self._write_back(full, state)
             hook = functools.partial(context_hook, index) if context_hook is not None else None
             kept, layer_trace = self._layer(
-                index, adapter.layer(index), state, bias, pruner if prune else None, layer_heads, kernels, hook
+                index, adapter.layer(index), state, bias, pruner if prune else None, layer_heads, kernels, hook, pruned
             )
             if kept.positions is not state.positions:  # tokens were removed: the bias follows them
                 bias = adapter.attention_bias(kept, kept.hidden.dtype)
+                pruned = True
             state = kept
             trace.append(layer_trace)
         if full is not None:
@@ -155,14 +202,19 @@ class PrunableEncoder:
         heads: Tensor | None,
         kernels: PassKernels,
         hook: Callable[[Tensor], Tensor] | None = None,
+        pruned: bool = False,
     ) -> tuple[TokenState, LayerTrace]:
         """One layer over `state`; bias is the adapter's additive attention term for its tokens;
-        kernels: the pass's linear kernels; hook: the layer's context hook (see __call__)."""
+        kernels: the pass's linear kernels; hook: the layer's context hook (see __call__); pruned:
+        whether an earlier layer removed tokens (then, at inference, its padding rows are skipped)."""
         adapter = self.adapter
         slicer = self.head_slicer
         x = state.hidden
         n_heads = heads.numel() if heads is not None else adapter.num_heads
         training = adapter.model.training
+        layout = (x.shape[0], x.shape[1])
+        # the (B * n) rows this layer computes: at inference after pruning, the real ones when padding is common
+        rows = _packed_rows(state.mask, state.lengths) if pruned and not training else None
         dropout = parts.attention_dropout if training else 0.0
         inputs = parts.attention_inputs
         if inputs is None:
@@ -173,21 +225,23 @@ class PrunableEncoder:
         # the softmax scale is folded into the query rows: every attention below uses scale 1
         scale = parts.scale if parts.scale is not None else slicer.head_dim**-0.5
         eager = pruner is not None and pruner.needs_scores  # attention probabilities computed here
+        x_rows, qk_rows, v_rows, residual_rows = _computed_rows((x, query_key_input, value_input, residual), rows)
         if value_input is query_key_input:
             query, key, value = _project(
-                (parts.query, parts.key, parts.value), query_key_input, heads, scale, slicer, kernels, eager
+                (parts.query, parts.key, parts.value), qk_rows, layout, rows, heads, scale, slicer, kernels, eager
             )
         else:
-            query, key = _project((parts.query, parts.key), query_key_input, heads, scale, slicer, kernels, eager)
-            (value,) = _project((parts.value,), value_input, heads, 1.0, slicer, kernels, eager)
+            query, key = _project((parts.query, parts.key), qk_rows, layout, rows, heads, scale, slicer, kernels, eager)
+            (value,) = _project((parts.value,), v_rows, layout, rows, heads, 1.0, slicer, kernels, eager)
         if heads is not None and bias.shape[1] > 1:  # a per-head bias (T5): the kept heads' rows
             bias = bias[:, heads]
         n_in = state.lengths
 
         if pruner is None:
-            context = self._attend(query, key, value, bias, dropout)
-            hidden = self._finish(parts, context, residual, x, heads, kernels, hook)
-            return state.with_hidden(hidden), LayerTrace(n_in, n_in, n_in, n_heads)
+            merged = _merge_heads(_hooked(self._attend(query, key, value, bias, dropout), hook))
+            merged = merged if rows is None else merged.index_select(0, rows)
+            out = self._finish(parts, merged, residual_rows, x_rows, heads, kernels)
+            return state.with_hidden(_unpack(out, rows, layout)), LayerTrace(n_in, n_in, n_in, n_heads)
 
         probs = scores = full_context = None
         if pruner.needs_scores and chunked_attention_applies(query, dropout):
@@ -207,26 +261,37 @@ class PrunableEncoder:
                     if probs is not None
                     else self._attend(query, key, value, bias, dropout)
                 )
-            hidden = self._finish(parts, full_context, residual, x, heads, kernels, hook) * decision[..., None]
+            merged = _merge_heads(_hooked(full_context, hook))
+            hidden = _unpack(self._finish(parts, merged, residual_rows, x_rows, heads, kernels), None, layout)
+            hidden = hidden * decision[..., None]
             trace = LayerTrace(
                 n_in, n_in, n_in, n_heads, scored=scored, soft_mask=decision, scores=scores, score_mask=state.mask
             )
             return state.with_hidden(hidden), trace
 
         slots, new_mask = state.gather_index(decision)
-        token_rows = _flat_index(slots, x.shape[:1], x.shape[1])  # shared by the (B, n, ...) tensors below
-        if full_context is not None:  # heads merged first: whole token rows, gathered like the layer input's
-            merged = _rows(full_context.transpose(1, 2).flatten(2), slots, 1, token_rows)
-            context = merged.unflatten(2, (-1, slicer.head_dim)).transpose(1, 2)  # the out-projection reads it in place
-        elif probs is not None:
-            context = self._weighted(_rows(probs, slots, dim=2), value, dropout, training)
-        else:  # chosen without scores: fused attention of the kept query rows only
-            kept_bias = _rows(bias, slots, dim=2) if bias.shape[2] > 1 else bias  # per-query bias rows
-            context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, dropout)
-        kept_input = _rows(x, slots, 1, token_rows)
-        kept_residual = kept_input if residual is x else _rows(residual, slots, 1, token_rows)
-        hidden = self._finish(parts, context, kept_residual, kept_input, heads, kernels, hook)
         n_out = new_mask.sum(dim=1)
+        kept_layout = (slots.shape[0], slots.shape[1])
+        kept_rows = None if training else _packed_rows(new_mask, n_out)  # of the (B * m) kept slots
+        # the rows of x (B * n) computed below: every kept slot's, or only the real ones among them
+        source = _flat_index(slots, x.shape[:1], x.shape[1])
+        source = source if kept_rows is None else source.index_select(0, kept_rows)
+        if full_context is not None and hook is None:  # heads merged first: whole token rows, like the input's
+            merged = _merge_heads(full_context).index_select(0, source)
+        else:
+            if full_context is not None:
+                context = _rows(full_context, slots, dim=2)
+            elif probs is not None:
+                context = self._weighted(_rows(probs, slots, dim=2), value, dropout, training)
+            else:  # chosen without scores: fused attention of the kept query rows only
+                kept_bias = _rows(bias, slots, dim=2) if bias.shape[2] > 1 else bias  # per-query bias rows
+                context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, dropout)
+            merged = _merge_heads(_hooked(context, hook))
+            merged = merged if kept_rows is None else merged.index_select(0, kept_rows)
+        kept_input = x.flatten(0, 1).index_select(0, source)
+        kept_residual = kept_input if residual is x else residual.flatten(0, 1).index_select(0, source)
+        out = self._finish(parts, merged, kept_residual, kept_input, heads, kernels)
+        hidden = _unpack(out, kept_rows, kept_layout)
         trace = LayerTrace(
             n_in, n_in if scored else n_out, n_out, n_heads, scored=scored, scores=scores, score_mask=state.mask
         )
@@ -255,18 +320,16 @@ class PrunableEncoder:
     def _finish(
         self,
         parts: LayerParts,
-        context: Tensor,
+        merged: Tensor,
         residual: Tensor,
         layer_input: Tensor,
         heads: Tensor | None,
         kernels: PassKernels,
-        hook: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """Output projection, add-and-norm with the attention residual, then the FFN block (which
-        may read the layer input again: MobileBERT's output bottleneck), for the given rows."""
-        if hook is not None:
-            context = hook(context)
-        projected = _out_project(parts.out_proj, context, heads, self.head_slicer, kernels)
+        """Output projection of the heads-merged context rows (R, h * d_h), add-and-norm with the
+        attention residual rows, then the FFN block (which may read the layer input rows again:
+        MobileBERT's output bottleneck): the layer's output rows (R, d)."""
+        projected = _out_project(parts.out_proj, merged, heads, self.head_slicer, kernels)
         with kernels.modules():
             return parts.feed_forward(parts.add_and_norm(projected, residual), layer_input)
 
