@@ -288,8 +288,7 @@ class PrunableEncoder:
                 context = self._attend(_rows(query, slots, dim=2), key, value, kept_bias, dropout)
             merged = _merge_heads(_hooked(context, hook))
             merged = merged if kept_rows is None else merged.index_select(0, kept_rows)
-        kept_input = x.flatten(0, 1).index_select(0, source)
-        kept_residual = kept_input if residual is x else residual.flatten(0, 1).index_select(0, source)
+        kept_input, kept_residual = _computed_rows((x, residual), source)
         out = self._finish(parts, merged, kept_residual, kept_input, heads, kernels)
         hidden = _unpack(out, kept_rows, kept_layout)
         trace = LayerTrace(
