@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,14 @@ from conftest import random_batch, tiny_model
 from torch.profiler import ProfilerActivity, profile
 
 from tokenprune.engine import PrunableEncoder
-from tokenprune.engine.kernels import ONEDNN_AVAILABLE, cpu_linear, pass_kernels, set_cpu_linear, stock_linears
+from tokenprune.engine.kernels import (
+    ONEDNN_AVAILABLE,
+    _blocked_weights,
+    cpu_linear,
+    pass_kernels,
+    set_cpu_linear,
+    stock_linears,
+)
 from tokenprune.pruners.static import TopKPruner
 
 needs_onednn = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
@@ -50,6 +59,35 @@ def test_onednn_linear_equals_f_linear_on_sliced_weights(kernel, rows, with_bias
         torch.testing.assert_close(by_name, expected[0], atol=1e-5, rtol=1e-5)
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-5)
+
+
+def reorders(run) -> int:
+    """How many times `run` reorders a weight into oneDNN's blocked layout."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(event.count for event in prof.key_averages() if event.key == "mkldnn::_reorder_linear_weight")
+
+
+@needs_onednn
+def test_a_weight_is_reordered_once_per_value_and_forgotten_with_it(kernel):
+    kernel("onednn")
+    weight, x = torch.randn(8, 6), torch.randn(5, 6)
+    with torch.no_grad():
+        linear = pass_kernels(x.device).linear
+        assert reorders(partial(linear, x, weight)) == 1
+        assert reorders(lambda: [linear(x, weight) for _ in range(3)]) == 0
+        weight.mul_(2)  # an in-place update (an optimizer step, a checkpoint load): new values
+        assert reorders(partial(linear, x, weight)) == 1
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # inference tensors (the head slicer's cached weights) have no version counter
+        sliced = weight[:, :4].contiguous()
+        assert reorders(lambda: [linear(x[:, :4], sliced) for _ in range(2)]) == 1
+        freed = torch.randn(8, 6)
+        linear(x, freed)
+    identity = id(freed)
+    assert identity in _blocked_weights
+    del freed  # its blocked copy goes with it
+    assert identity not in _blocked_weights
 
 
 @needs_onednn
