@@ -225,7 +225,9 @@ class PrunableEncoder:
         # the softmax scale is folded into the query rows: every attention below uses scale 1
         scale = parts.scale if parts.scale is not None else slicer.head_dim**-0.5
         eager = pruner is not None and pruner.needs_scores  # attention probabilities computed here
-        x_rows, qk_rows, v_rows, residual_rows = _computed_rows((x, query_key_input, value_input, residual), rows)
+        # a pruning layer's out-projection and FFN read the kept rows of x and the residual (below)
+        finish_inputs = (x, residual) if pruner is None else ()
+        qk_rows, v_rows, *finish_rows = _computed_rows((query_key_input, value_input, *finish_inputs), rows)
         if value_input is query_key_input:
             query, key, value = _project(
                 (parts.query, parts.key, parts.value), qk_rows, layout, rows, heads, scale, slicer, kernels, eager
@@ -240,6 +242,7 @@ class PrunableEncoder:
         if pruner is None:
             merged = _merge_heads(_hooked(self._attend(query, key, value, bias, dropout), hook))
             merged = merged if rows is None else merged.index_select(0, rows)
+            x_rows, residual_rows = finish_rows
             out = self._finish(parts, merged, residual_rows, x_rows, heads, kernels)
             return state.with_hidden(_unpack(out, rows, layout)), LayerTrace(n_in, n_in, n_in, n_heads)
 
@@ -262,6 +265,7 @@ class PrunableEncoder:
                     else self._attend(query, key, value, bias, dropout)
                 )
             merged = _merge_heads(_hooked(full_context, hook))
+            x_rows, residual_rows = _computed_rows((x, residual), None)  # soft weights remove nothing: rows is None
             hidden = _unpack(self._finish(parts, merged, residual_rows, x_rows, heads, kernels), None, layout)
             hidden = hidden * decision[..., None]
             trace = LayerTrace(
