@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,10 @@ import pytest
 from apps import FAST, compose_app
 
 from tokenprune.apps.bench import measure_and_write
-from tokenprune.apps.ledger import export
+from tokenprune.apps.ledger import SETTINGS, export
 from tokenprune.apps.search import run_search
 from tokenprune.apps.table import (
+    TABLE_INPUTS,
     build,
     level_table,
     lossless_flops,
@@ -122,11 +125,31 @@ def test_the_page_counts_lossless_seeds_marks_methods_not_run_and_refuses_mixed_
     built = {"table": table, "lossless": lossless, "markdown": markdown(table, lossless, unpruned), "devices": []}
     page = results_page(built | {"backbones": ["minilm_l6"], "tasks": ["rt_sentiment"]}, Path("sweep"), "cmd")
     assert "# Results: rt_sentiment on minilm_l6" in page
-    assert "| topk | 0.8250 +- 0.0354 (-0.0250) | not benched | 0.400x (1 of 2 seeds) |" in page
+    assert "| topk | 0.8250 +- 0.0354 (-2.5 pt) | not benched | 0.400x (1 of 2 seeds) |" in page
     assert "| ltp | not run | not run | not run |" in page, "a published method without runs is not 'none'"
+    assert "](rt_sentiment-pareto.png)" in results_page(
+        built | {"backbones": [], "tasks": []}, Path("s"), "c", plot="rt_sentiment-pareto.png"
+    )
     single = unpruned_scores(points[points.seed == 1])
     assert "nan" not in markdown(level_table(points[points.seed == 1], [0.5], single), lossless, single)
 
     mixed = pd.DataFrame({"task": ["rt_sentiment", "sms_spam", None]})
     with pytest.raises(ValueError, match="several task settings.*one table per task"):
         one_setting(mixed, "task")
+
+
+def test_git_keeps_every_file_a_ledger_holds():
+    """The ledger is committed (docs/results/runs): no .gitignore rule may hide a file export()
+    copies, at the paths a sweep writes (a `multirun/` rule for Hydra's output once hid every
+    training result)."""
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    run = "docs/results/runs/rt_sentiment/2026-12-05-s1/{}/2026-12-05_00-00-00/0-ltp-s1"
+    files = [
+        f"{run.format(folder)}/{name}"
+        for folder in ("multirun", "search", "bench", "outputs")
+        for name in (*TABLE_INPUTS, str(SETTINGS))
+    ]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=repo, capture_output=True, text=True)
+    assert ignored.stdout == "", f"ignored by git: {ignored.stdout}"

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -304,7 +305,7 @@ def summary_row(method: str, built: dict[str, Any], level: float) -> str:
         accuracy = speed = "no point"
     else:
         row = at.iloc[0]
-        accuracy = f"{mean_std(row.accuracy_mean, row.accuracy_std)} ({row.delta_vs_unpruned:+.4f})"
+        accuracy = f"{mean_std(row.accuracy_mean, row.accuracy_std)} ({100 * row.delta_vs_unpruned:+.1f} pt)"
         speed = "not benched" if np.isnan(row.measured_over_flops) else f"{row.measured_over_flops:.2f}"
     return (
         f"| {method} | {accuracy} | {speed} | {flops} ({seeds_lossless} of {seeds} seeds) "
@@ -312,8 +313,9 @@ def summary_row(method: str, built: dict[str, Any], level: float) -> str:
     )
 
 
-def results_page(built: dict[str, Any], root: Path, command: str, level: float = 0.5) -> str:
-    """The results page: our table beside the papers' published figures, the machine, the command."""
+def results_page(built: dict[str, Any], root: Path, command: str, level: float = 0.5, plot: str | None = None) -> str:
+    """The results page: our table beside the papers' published figures, the machine, the command;
+    `plot`: the Pareto plot's path relative to the page, shown under the summary."""
     methods = sorted(set(built["lossless"].method) | set(PUBLISHED))
     lines = [
         f"# Results: {', '.join(built['tasks'])} on {', '.join(built['backbones'])}",
@@ -328,6 +330,8 @@ def results_page(built: dict[str, Any], root: Path, command: str, level: float =
         "|---|---|---|---|---|",
         *(summary_row(method, built, level) for method in methods),
     ]
+    if plot is not None:
+        lines += ["", f"![report accuracy against relative FLOPs, every method and seed]({plot})"]
     return "\n".join(lines) + "\n\n" + built["markdown"]
 
 
@@ -393,11 +397,14 @@ def main() -> None:
     root = Path(args.root)
     out = Path(args.out) if args.out else root / "table"
     built = build(root, levels, out)
-    page = results_page(built, root, " ".join(["tokenprune-table", *sys.argv[1:]]))
-    (out / "results.md").write_text(page)
+    command = " ".join(["tokenprune-table", *sys.argv[1:]])
+    (out / "results.md").write_text(results_page(built, root, command, plot="pareto.png"))
     if args.page:
-        Path(args.page).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.page).write_text(page)
+        page = Path(args.page)
+        page.parent.mkdir(parents=True, exist_ok=True)
+        plot = page.with_name(f"{page.stem}-pareto.png")
+        shutil.copyfile(built["plot"], plot)
+        page.write_text(results_page(built, root, command, plot=plot.name))
     if args.wandb:
         with wandb.init(
             project="tokenprune",
