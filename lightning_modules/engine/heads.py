@@ -18,12 +18,7 @@ import torch
 from torch import Tensor
 
 from tokenprune.engine.adapters import Projection
-
-
-def _source_key(tensor: Tensor) -> tuple[Hashable, ...]:
-    """What identifies the values of `tensor`: where its data starts, its view geometry and the
-    version counter (which in-place updates such as optimizer steps or checkpoint loads bump)."""
-    return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor._version
+from tokenprune.engine.kernels import value_key
 
 
 class HeadSlicer:
@@ -96,7 +91,7 @@ class HeadSlicer:
         key = (
             kind,
             tuple(id(owner) for owner in owners),
-            tuple(_source_key(tensor) for tensor in tensors),
+            tuple(value_key(tensor) for tensor in tensors),
             None if heads is None else tuple(heads.tolist()),
             scale,
         )

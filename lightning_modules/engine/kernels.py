@@ -62,13 +62,13 @@ def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return fp32_cpu and x.dim() >= 2 and weight.dim() == 2 and (bias is None or bias.dtype == torch.float32)
 
 
-def _value_key(weight: Tensor) -> tuple[Hashable, ...]:
-    """What identifies the values of `weight`: its data, view geometry and version counter (which
+def value_key(tensor: Tensor) -> tuple[Hashable, ...]:
+    """What identifies the values of `tensor`: its data, view geometry and version counter (which
     in-place updates such as optimizer steps or checkpoint loads bump). Inference tensors have no
     version counter; they cannot be changed outside inference mode, and the engine's (the head
     slicer's cached weights) are never changed in place."""
-    version = None if weight.is_inference() else weight._version
-    return weight.data_ptr(), weight.shape, weight.stride(), version
+    version = None if tensor.is_inference() else tensor._version
+    return tensor.data_ptr(), tensor.shape, tensor.stride(), version
 
 
 # id(weight) -> (a weak reference to it, the key of its values, its blocked copy)
@@ -78,7 +78,7 @@ _blocked_weights: dict[int, tuple[weakref.ref[Tensor], tuple[Hashable, ...], Ten
 def _blocked(weight: Tensor) -> Tensor:
     """`weight` in oneDNN's blocked layout, reordered once per weight value: the copy is kept
     while the weight lives and remade when its values change."""
-    key = _value_key(weight)
+    key = value_key(weight)
     hit = _blocked_weights.get(id(weight))
     if hit is not None and hit[0]() is weight and hit[1] == key:
         return hit[2]
