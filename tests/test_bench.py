@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import platform
+import resource
 import time
 
 import pytest
@@ -13,7 +15,7 @@ from transformers import AutoTokenizer
 from tokenprune.apps.bench import bench_module, run_bench, write_outputs
 from tokenprune.backbones import tokenizer_location
 from tokenprune.search.evaluate import datamodule_for
-from tokenprune.throughput import device_name, measure_batches, packed_batch
+from tokenprune.throughput import device_name, keep_freed_memory, measure_batches, packed_batch
 
 
 def test_packed_batch_is_all_real_text():
@@ -62,6 +64,7 @@ def test_bench_under_mixed_precision_names_the_device_in_every_row(tmp_path, pre
         table = run_bench(cfg)
     assert len(table) == 6 and set(table.precision) == {precision}
     assert set(table.device) == {device_name(torch.device("cpu"))} and table.device.iloc[0].startswith("cpu:")
+    assert set(table.allocator) == {keep_freed_memory()}
     assert table.peak_mem_mb.isna().all()  # allocator statistics exist on GPUs only
     assert (table.seq_per_s > 0).all() and (table[table.variant == "engine_pruned"].flops_speedup > 1).all()
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bench cell")]
@@ -125,3 +128,24 @@ def test_split_timing_interleaves_variants_batch_by_batch():
     )
     assert timings["slow"]["median_s"] >= 2 * 0.002 > timings["fast"]["median_s"]
     assert timings["slow"]["seq_per_s"] == pytest.approx(5 / timings["slow"]["median_s"])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the policy tunes glibc's malloc")
+def test_timings_reuse_freed_memory_instead_of_faulting_it_in_again():
+    """Under glibc's defaults an FFN's two 50 MB activations are unmapped when freed, and every
+    call faults all their pages in again (10 calls: 10 calls' worth of faults); the harness
+    keeps freed memory for reuse (at most the odd heap growth)."""
+    measure_batches({"noop": lambda batch: None}, [{"input_ids": torch.zeros(1, 1)}], torch.device("cpu"), 0, 1)
+    assert keep_freed_memory() == "glibc, freed memory kept (mmap and trim thresholds 1 GiB)"
+    rows, hidden, inner = 8192, 384, 1536
+    x, w = torch.randn(rows, hidden), torch.randn(hidden, inner)
+
+    def page_faults_of_ffn_calls(calls: int) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(calls):
+            torch.nn.functional.gelu(x @ w).sum()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    page_faults_of_ffn_calls(2)  # the first calls grow the heap
+    pages_per_call = 2 * rows * inner * 4 // resource.getpagesize()
+    assert page_faults_of_ffn_calls(10) < 3 * pages_per_call

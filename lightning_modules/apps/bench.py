@@ -47,7 +47,7 @@ from tokenprune.engine.kernels import set_cpu_linear
 from tokenprune.modules.base import TokenPruningModule
 from tokenprune.modules.loading import load_module
 from tokenprune.search.evaluate import datamodule_for
-from tokenprune.throughput import autocast, device_name, measure, measure_batches, packed_batch
+from tokenprune.throughput import autocast, device_name, keep_freed_memory, measure, measure_batches, packed_batch
 
 log = logging.getLogger(__name__)
 BENCH_OUTPUTS = ("bench.csv", "bench.json")  # what makes a folder another bench run's
@@ -150,6 +150,7 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
                             "device": where,
                             "precision": str(cfg.precision),
                             "cpu_linear": str(cfg.cpu_linear) if device.type == "cpu" else None,
+                            "allocator": keep_freed_memory(),
                             "batch_size": batch_size,
                             "length": length,
                             "variant": variant,

@@ -47,7 +47,7 @@ from tokenprune.search.evolution import ConstantRatioSearch
 from tokenprune.search.latency import measured_speedups
 from tokenprune.search.pareto import hypervolume, pareto_front, plot_fronts
 from tokenprune.search.store import CandidateStore
-from tokenprune.throughput import device_name
+from tokenprune.throughput import device_name, keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             picks = np.unique(np.linspace(0, len(batches) - 1, int(cfg.measure.search_batches)).round().astype(int))
             return [batches[i] for i in picks]
 
-        device = device_name(module.device)
+        device = f"{device_name(module.device)}, {keep_freed_memory()}"  # what a cached latency was measured under
 
         def latency(pruner_cfg: dict[str, Any]) -> float:
             """Wall time of a configuration over the stock model's (interleaved), cached per device."""
