@@ -78,28 +78,6 @@ def test_inference_after_pruning_computes_only_real_rows_with_the_same_result(fa
     assert unpruned.hidden[~mask.bool()].abs().sum() > 0, "the unpruned input's padding runs like stock"
 
 
-def test_projections_stacked_or_one_gemm_each_give_the_same_result(family, monkeypatch):
-    """Q/K/V as one stacked GEMM (up to STACK_MAX_ROWS rows) or one GEMM each (above it): the same
-    hidden states with heads removed and tokens pruned at inference, and the same gradients."""
-    _, adapter = tiny_model(family)
-    ids, mask = random_batch(batch=4, length=30)
-    pruner = TopKPruner(adapter.num_layers, keep_ratio=0.4, start_layer=1)
-    heads = [torch.tensor([0, 2, 3])] * adapter.num_layers
-    engine = PrunableEncoder(adapter)
-    hidden, gradients = {}, {}
-    for limit in (ids.numel(), 0):  # every layer stacked; none
-        monkeypatch.setattr(encoder, "STACK_MAX_ROWS", limit)
-        with torch.inference_mode():
-            hidden[limit] = engine(ids, mask, pruner=pruner, heads=heads).hidden
-        adapter.model.zero_grad()
-        engine(ids, mask, pruner=pruner).hidden.sum().backward()
-        gradients[limit] = [p.grad.clone() for p in adapter.model.parameters() if p.grad is not None]
-    torch.testing.assert_close(hidden[0], hidden[ids.numel()], rtol=1e-5, atol=1e-5)
-    assert len(gradients[0]) == len(gradients[ids.numel()]) > 0
-    for separate, stacked in zip(gradients[0], gradients[ids.numel()]):
-        torch.testing.assert_close(separate, stacked, rtol=1e-4, atol=1e-5)
-
-
 def test_topk_keeps_the_most_attended_tokens():
     model, adapter = tiny_model("bert", "eager")
     ids, mask = random_batch(batch=2, length=16)

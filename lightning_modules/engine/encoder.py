@@ -32,11 +32,6 @@ ContextHook = Callable[[int, Tensor], Tensor]  # (layer index, context (B, h, m,
 # At inference, a layer whose rows are at least this share padding left by pruning computes its
 # row-wise parts (projections, FFN) for the real rows only (README "Measured": packing rows).
 PACK_MIN_PADDING = 0.1
-# Projections that read the same rows run as one stacked GEMM up to this many rows, one GEMM each
-# above it. On 2 CPU cores the 1152-wide stacked MiniLM Q/K/V GEMM was 2-5% faster up to 2,048
-# rows, 2-4% slower at 3,072-6,144 and 1.8x slower at 8,192 (spam_assassin's 32 x 256), where its
-# 38 MB output no longer fits the cache (README "Measured").
-STACK_MAX_ROWS = 2048
 
 
 def _project(
@@ -51,18 +46,14 @@ def _project(
     head_major: bool,
 ) -> tuple[Tensor, ...]:
     """Projections that read the rows x (R, d) (Q and K, or Q, K and V), each (B, h, n, d_h) for
-    the rows of `heads`, the first one times `scale`: one stacked GEMM up to STACK_MAX_ROWS rows,
-    one GEMM per projection above. x holds the rows `rows` of the (B, n) `layout` (None: all of
-    them, in order); the other rows' projections are zero. head_major: copied once into contiguous
-    head-major blocks (eager attention reads them in place), else strided views."""
-    groups = [projections] if x.shape[0] <= STACK_MAX_ROWS else [[projection] for projection in projections]
-    projected: list[Tensor] = []
-    for index, group in enumerate(groups):
-        weight, bias = slicer.stacked_rows(group, heads, scale if index == 0 else 1.0)
-        out = _unpack(kernels.linear(x, weight, bias), rows, layout).unflatten(-1, (len(group), -1, slicer.head_dim))
-        out = out.permute(2, 0, 3, 1, 4)  # (projection, B, h, n, d_h)
-        projected.extend((out.contiguous() if head_major else out).unbind(0))
-    return tuple(projected)
+    the rows of `heads`, from one GEMM; the first one times `scale`. x holds the rows `rows` of the
+    (B, n) `layout` (None: all of them, in order); the other rows' projections are zero. head_major:
+    copied once into contiguous head-major blocks (eager attention reads them in place), else
+    strided views."""
+    weight, bias = slicer.stacked_rows(projections, heads, scale)
+    out = _unpack(kernels.linear(x, weight, bias), rows, layout).unflatten(-1, (len(projections), -1, slicer.head_dim))
+    out = out.permute(2, 0, 3, 1, 4)  # (projection, B, h, n, d_h)
+    return (out.contiguous() if head_major else out).unbind(0)
 
 
 def _out_project(
@@ -137,7 +128,7 @@ class PrunableEncoder:
 
     def __init__(self, adapter: EncoderAdapter) -> None:
         self.adapter = adapter
-        self.head_slicer = HeadSlicer(adapter.head_dim, capacity=8 * adapter.num_layers)
+        self.head_slicer = HeadSlicer(adapter.head_dim, capacity=5 * adapter.num_layers)
 
     def __call__(
         self,

@@ -25,10 +25,9 @@ class HeadSlicer:
     """Stacked Q/K/V rows and output-projection columns of kept attention heads, cached at inference.
 
     capacity: tensors kept, least recently used dropped first. The engine keeps one head
-    configuration's worth (at most 8 per layer: the stacked Q/K/V weight and bias, a second pair
-    when V reads another input (MobileBERT), the projections' own rows when many rows compute them
-    one GEMM each (engine/encoder.py STACK_MAX_ROWS), out-projection columns), so the cache holds
-    about two copies of the model's attention weights: an evaluation or a benchmark repeats one
+    configuration's worth (at most 5 per layer: the stacked Q/K/V weight and bias, a second pair
+    when V reads another input (MobileBERT), out-projection columns), so the cache holds about one
+    copy of the model's attention weights: an evaluation or a benchmark repeats one
     configuration, a search moves from one to the next.
     """
 
@@ -45,8 +44,6 @@ class HeadSlicer:
         one GEMM with the softmax scale folded into Q (DESIGN.md s.3). A projection without a bias
         contributes zeros when another has one."""
         head_dim = self.head_dim
-        if len(projections) == 1 and heads is None and scale == 1.0:  # nothing to slice or stack
-            return projections[0].weight, projections[0].bias
 
         def head_rows(tensor: Tensor) -> Tensor:
             return tensor if heads is None else tensor.view(-1, head_dim, *tensor.shape[1:])[heads].flatten(0, 1)
