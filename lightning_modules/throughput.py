@@ -3,7 +3,6 @@ same batch for every variant, one process, fixed threads."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import platform
 import statistics
@@ -14,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+from tokenprune.allocator import keep_freed_memory
 
 
 def packed_batch(
@@ -56,30 +57,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{model}:{torch.get_num_threads()} threads"
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
-KEPT_BLOCK_BYTES = 1 << 30
-
-
-@functools.cache
-def keep_freed_memory() -> str:
-    """Have the C allocator reuse freed memory, so that timings measure compute, not page faults;
-    returns the allocator policy in force. Process-wide, applied once, before any timing.
-
-    glibc serves every block above its mmap threshold (adaptive, at most 32 MiB) with fresh pages
-    and unmaps it on free, so a call's large activations (a 32 x 256 x 1536 fp32 FFN tensor is
-    50 MB) fault in page by page on every call. On spam_assassin's report split that cost the
-    stock model about a quarter of its time, while a pruned model, whose smaller tensors fall
-    under the threshold, escaped it: speedups came out inflated (ACC SC 0.8: 2.53x, 2.23x with
-    memory kept). Raising the mmap and trim thresholds to 1 GiB keeps freed blocks for reuse,
-    as tcmalloc or jemalloc would."""
-    if platform.libc_ver()[0] != "glibc":
-        return "system default"
-    libc = ctypes.CDLL(None)
-    if all(libc.mallopt(option, KEPT_BLOCK_BYTES) == 1 for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)):
-        return "glibc, freed memory kept (mmap and trim thresholds 1 GiB)"
-    return "glibc default"
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,7 +95,7 @@ def measure(
     previous call's leftovers hit all of them alike, and on a GPU each
     call is synchronised before the clock stops. Returns median seconds, sequences/s, the
     relative spread and the peak GPU memory of one call (MB; NaN on CPU). Every timing runs
-    under `keep_freed_memory`."""
+    with freed memory kept for reuse (allocator.keep_freed_memory)."""
     keep_freed_memory()
     with torch.inference_mode(not grad):
         return _measure(variants, batch_size, device, warmup, repeats)

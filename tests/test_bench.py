@@ -12,10 +12,11 @@ import torch
 from apps import compose_app
 from transformers import AutoTokenizer
 
+from tokenprune.allocator import keep_freed_memory
 from tokenprune.apps.bench import bench_module, run_bench, write_outputs
 from tokenprune.backbones import tokenizer_location
 from tokenprune.search.evaluate import datamodule_for
-from tokenprune.throughput import device_name, keep_freed_memory, measure_batches, packed_batch
+from tokenprune.throughput import device_name, measure_batches, packed_batch
 
 
 def test_packed_batch_is_all_real_text():

@@ -18,6 +18,7 @@ FOLDERS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptoo
 # Lowest first. A module may import from lower layers and from its own sub-package; siblings in
 # one layer are independent of each other.
 LAYERS = [
+    ("tokenprune.allocator",),
     ("tokenprune.checks", "tokenprune.config", "tokenprune.checkpoints", "tokenprune.throughput"),
     ("tokenprune.engine",),
     ("tokenprune.pruners",),

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import AutoTokenizer
 
+from tokenprune.allocator import keep_freed_memory
 from tokenprune.apps.runs import TRAINING_RUN_KEY, build_loggers, one_run
 from tokenprune.apps.settings import (
     BENCH,
@@ -47,7 +48,7 @@ from tokenprune.engine.kernels import set_cpu_linear
 from tokenprune.modules.base import TokenPruningModule
 from tokenprune.modules.loading import load_module
 from tokenprune.search.evaluate import datamodule_for
-from tokenprune.throughput import autocast, device_name, keep_freed_memory, measure, measure_batches, packed_batch
+from tokenprune.throughput import autocast, device_name, measure, measure_batches, packed_batch
 
 log = logging.getLogger(__name__)
 BENCH_OUTPUTS = ("bench.csv", "bench.json")  # what makes a folder another bench run's

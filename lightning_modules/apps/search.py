@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from tokenprune.allocator import keep_freed_memory
 from tokenprune.apps.runs import build_loggers, log_files_artifact, one_run, training_run_of
 from tokenprune.apps.settings import (
     SEARCH,
@@ -47,7 +48,7 @@ from tokenprune.search.evolution import ConstantRatioSearch
 from tokenprune.search.latency import measured_speedups
 from tokenprune.search.pareto import hypervolume, pareto_front, plot_fronts
 from tokenprune.search.store import CandidateStore
-from tokenprune.throughput import device_name, keep_freed_memory
+from tokenprune.throughput import device_name
 
 log = logging.getLogger(__name__)
 

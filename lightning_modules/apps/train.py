@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tokenprune.allocator import keep_freed_memory
 from tokenprune.apps.cluster import process_rank, trainer_plugins
 from tokenprune.apps.runs import (
     TRAINING_RUN_KEY,
@@ -188,6 +189,7 @@ def train(
         assert_same_backbone(start.get("hyper_parameters", {}), cfg.backbone, setting="module.init_from")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    keep_freed_memory()  # long inputs: no page faults on every step's activations
     L.seed_everything(cfg.seed, workers=True)
     with plain_errors():  # the module checks its own settings before it loads any weights
         module = instantiate(cfg.module)
