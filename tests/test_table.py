@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from apps import FAST, compose_app
 
+from tokenprune.allocator import keep_freed_memory
 from tokenprune.apps.bench import measure_and_write
 from tokenprune.apps.ledger import SETTINGS, export
 from tokenprune.apps.search import run_search
@@ -26,6 +28,7 @@ from tokenprune.apps.table import (
     unpruned_scores,
 )
 from tokenprune.apps.train import train, train_stages
+from tokenprune.throughput import device_name
 
 
 def test_table_takes_each_seeds_point_at_every_level_and_joins_benches(tmp_path):
@@ -64,6 +67,7 @@ def test_table_takes_each_seeds_point_at_every_level_and_joins_benches(tmp_path)
     benched = again["points"].dropna(subset=["measured_speedup"])
     assert len(benched) == 1 and benched.iloc[0].seed == 1 and benched.iloc[0].measured_speedup > 0
     assert len(again["plan"]) == len(plan) - 1, "a benched point leaves the plan"
+    assert again["devices"] == [f"{device_name(torch.device('cpu'))}, allocator: {keep_freed_memory()}"]
 
 
 def test_a_ledger_copy_builds_the_same_table_and_never_replaces_a_file(tmp_path):

@@ -150,6 +150,8 @@ def bench_points(root: Path) -> pd.DataFrame:
             if cell.get("variant") == "engine_pruned" and cell.get("batch_size") == 32:
                 flops = 1.0 / cell["flops_speedup"]
                 speedup, device = cell["speedup"], cell.get("device")
+                if cell.get("allocator"):  # benches record the malloc policy they ran under (allocator.py)
+                    device = f"{device}, allocator: {cell['allocator']}"
                 rows.append(
                     {"method": method, "seed": seed, "flops_ratio": flops, "speedup": speedup, "device": device}
                 )
