@@ -3,11 +3,11 @@ same batch for every variant, one process, fixed threads."""
 
 from __future__ import annotations
 
-import functools
 import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -143,7 +143,7 @@ def measure_batches(
     alike. Per-batch medians add up to the split's time; spread is their time-weighted mean."""
     per_batch = [
         measure(
-            {name: functools.partial(run, batch) for name, run in variants.items()},
+            {name: partial(run, batch) for name, run in variants.items()},
             len(batch["input_ids"]),
             device,
             warmup,
