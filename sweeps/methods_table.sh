@@ -10,7 +10,8 @@
 #   PRESET=reference METHODS=ltp,length_adaptive,token_head_adaptive bash sweeps/methods_table.sh   # a subset
 #
 # Seed by seed (so a complete table of the first seed exists early), every training a Hydra
-# multirun with skip_done=true, so a rerun into the same TOKENPRUNE_OUTPUTS skips finished runs;
+# multirun with skip_done=true, so a rerun into the same TOKENPRUNE_OUTPUTS skips finished runs
+# and stages and continues a killed one from its last epoch's checkpoint;
 # searches with a front.csv are skipped and killed ones resume from their cache; benches listed in
 # table/bench_plan.txt run once:
 #  1. fine-tune (run_name unpruned-s<seed>): the start of every method and the reference

@@ -11,7 +11,8 @@ import torch
 from apps import FAST, compose_app, run_cli
 from hydra.errors import HydraException
 
-from tokenprune.apps.train import train
+import tokenprune.apps.train as train_app
+from tokenprune.apps.train import train, train_stages
 from tokenprune.modules.loading import load_module
 
 
@@ -62,6 +63,42 @@ def test_resume_from_last_matches_uninterrupted_run(tmp_path):
     b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_skip_done_rerun_resumes_an_interrupted_run_to_the_same_result(tmp_path):
+    """A killed sweep's rerun (skip_done=true) continues the killed run from its last.ckpt."""
+    overrides = [*FAST, "trainer.max_epochs=2", "seed=11"]
+    straight = train(compose_app("train", overrides, tmp_path / "straight" / "run"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_app("train", overrides, tmp_path / "sweep" / "killed"), extra_callbacks=[CrashAfterFirstEpoch()])
+    rerun = train(compose_app("train", [*overrides, "skip_done=true"], tmp_path / "sweep" / "rerun"))
+    assert rerun["resumed_from"] == str(tmp_path / "sweep" / "killed" / "checkpoints" / "last.ckpt")
+    assert rerun["report"] == pytest.approx(straight["report"], abs=1e-6)
+    other_seed = [*FAST, "trainer.max_epochs=2", "seed=12", "skip_done=true"]  # another run: starts afresh
+    assert train(compose_app("train", other_seed, tmp_path / "sweep" / "s12"))["resumed_from"] is None
+
+
+def test_skip_done_rerun_of_a_staged_run_reuses_finished_stages_and_resumes_the_killed_one(tmp_path, monkeypatch):
+    overrides = [*FAST, "experiment=retrained_baseline", "pruner=topk", "pruner.keep_ratio=0.5", "skip_done=true"]
+    command = [*overrides, f"paths.root={tmp_path}"]  # what each stage is composed from
+    real_train = train_app.train
+
+    def killed_in_second_stage(cfg, extra_callbacks=None, stage=None, group=None):
+        crash = [CrashAfterFirstEpoch()] if stage == "pruned" else []
+        return real_train(cfg, extra_callbacks=crash, stage=stage, group=group)
+
+    monkeypatch.setattr(train_app, "train", killed_in_second_stage)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_stages(compose_app("train", overrides, tmp_path / "killed"), command)
+    monkeypatch.setattr(train_app, "train", real_train)
+    rerun = train_stages(compose_app("train", overrides, tmp_path / "rerun"), command)
+    finetune, pruned = rerun["stages"]["finetune"], rerun["stages"]["pruned"]
+    assert finetune["reused_by"] == str(tmp_path / "rerun" / "finetune")
+    assert finetune["last_checkpoint"] == str(tmp_path / "killed" / "finetune" / "checkpoints" / "last.ckpt")
+    assert not (tmp_path / "rerun" / "finetune" / "checkpoints").exists()  # not trained again
+    assert pruned["resumed_from"] == str(tmp_path / "killed" / "pruned" / "checkpoints" / "last.ckpt")
+    last = torch.load(pruned["last_checkpoint"], weights_only=True)
+    assert last["global_step"] == 12 and last["hyper_parameters"]["init_from"] == finetune["last_checkpoint"]
 
 
 def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path):

@@ -136,6 +136,23 @@ def finished_run(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
+def interrupted_checkpoint(cfg: DictConfig) -> str | None:
+    """The last.ckpt of an unfinished run under paths.root with this run's config key (killed or
+    timed out after at least one epoch; the newest if several), for `skip_done` to resume from."""
+    key = config_key(cfg)
+    own = Path(cfg.paths.output_dir)
+    candidates = []
+    for last in Path(cfg.paths.root).glob("**/checkpoints/last.ckpt"):
+        run_dir = last.parent.parent
+        saved = run_dir / ".hydra" / "config.yaml"  # the run's resolved settings (claimed_run_dir)
+        if run_dir == own or (run_dir / "results.json").exists() or not saved.is_file():
+            continue
+        settings = OmegaConf.load(saved)
+        if isinstance(settings, DictConfig) and config_key(settings) == key:
+            candidates.append(last)
+    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+
+
 def resume_changes(cfg: DictConfig, checkpoint: dict[str, Any], path: str) -> dict[str, list[Any]]:
     """Settings that differ from the checkpoint's run; refuse unless every one is allowed by name."""
     saved = checkpoint.get(RunSettings.KEY)
@@ -175,6 +192,10 @@ def train(
     own_last = Path(cfg.checkpoints.last.dirpath) / f"{cfg.checkpoints.last.filename}.ckpt"
     if claimed_by_this_job(run_dir) and own_last.is_file():  # requeued (preempted, timed out): continue
         ckpt_path: str | None = str(own_last)
+    elif cfg.skip_done and cfg.ckpt_path is None:  # a killed sweep's rerun continues its unfinished runs
+        ckpt_path = interrupted_checkpoint(cfg)
+        if ckpt_path is not None:
+            log.info("skip_done: resuming the interrupted run of this configuration from %s", ckpt_path)
     else:
         ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, run_dir.parent)
     changes: dict[str, list[Any]] = {}
@@ -255,6 +276,21 @@ def train(
         return results
 
 
+def reuse_finished(cfg: DictConfig) -> dict[str, Any] | None:
+    """With `skip_done`, the results of a finished run (or stage) with this configuration, also
+    written to this run's folder so that a sweep's folder is whole; None: it must be trained."""
+    done = finished_run(cfg) if cfg.skip_done else None
+    if done is None:
+        return None
+    run_dir = Path(cfg.paths.output_dir)
+    results = {**done, "reused_by": str(run_dir)}
+    with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"):
+        log.info("skip_done: this configuration finished in %s; not run again", done["run_dir"])
+        if process_rank() == 0:
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
 def summarize(cfg: DictConfig, report: dict[str, float]) -> None:
     main = f"report/{cfg.task.main_metric}"
     kept = [report[k] for k in sorted(report) if k.startswith("report/kept_tokens/layer_")]
@@ -297,7 +333,7 @@ def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any
                 stage_cfg.paths.output_dir = str(run_dir / stage.name)
                 stage_cfg.module.init_from = init_from
             log.info("stage %s: %s", stage.name, " ".join(stage.overrides))
-            stages[stage.name] = train(stage_cfg, stage=stage.name, group=group)
+            stages[stage.name] = reuse_finished(stage_cfg) or train(stage_cfg, stage=stage.name, group=group)
             init_from = stages[stage.name]["last_checkpoint"]
         final = stages[cfg.stages[-1].name]
         results = {**final, "config_key": config_key(cfg), "run_dir": str(run_dir), "stages": stages}
@@ -313,15 +349,7 @@ def main(cfg: DictConfig) -> float:
     typed = cast(list[str], OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
     run_dir = Path(cfg.paths.output_dir)
     with refusals_as_messages(), nothing_left_if_refused(run_dir, stop=Path(cfg.paths.root).parent):
-        done = finished_run(cfg) if cfg.skip_done else None
-        if done is not None:  # this folder gets the finished run's results, so a sweep's folder is whole
-            results = {**done, "reused_by": str(run_dir)}
-            with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"):
-                log.info("skip_done: this configuration finished in %s; not run again", done["run_dir"])
-                if process_rank() == 0:
-                    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        else:
-            results = train_stages(cfg, typed) if cfg.get("stages") else train(cfg)
+        results = reuse_finished(cfg) or (train_stages(cfg, typed) if cfg.get("stages") else train(cfg))
     return results["report"][f"report/{cfg.task.main_metric}"]
 
 
