@@ -12,6 +12,7 @@ from apps import FAST, compose_app, run_cli
 from hydra.errors import HydraException
 
 import tokenprune.apps.train as train_app
+from tokenprune.apps.table import training_points
 from tokenprune.apps.train import train, train_stages
 from tokenprune.modules.loading import load_module
 
@@ -99,6 +100,8 @@ def test_skip_done_rerun_of_a_staged_run_reuses_finished_stages_and_resumes_the_
     assert pruned["resumed_from"] == str(tmp_path / "killed" / "pruned" / "checkpoints" / "last.ckpt")
     last = torch.load(pruned["last_checkpoint"], weights_only=True)
     assert last["global_step"] == 12 and last["hyper_parameters"]["init_from"] == finetune["last_checkpoint"]
+    # the results table sees one run: neither the killed run's finished stage nor the reused copy
+    assert [point["source"] for point in training_points(tmp_path)] == [str(tmp_path / "rerun")]
 
 
 def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path):

@@ -68,7 +68,8 @@ def stage_folders(folder: Path, result: dict[str, Any]) -> set[Path]:
 
 
 def training_points(root: Path) -> list[dict[str, Any]]:
-    """One point per finished training run (experiments once, reused results once)."""
+    """One point per finished training run (experiments once, reused results once); the stages of
+    an experiment are not points of their own, also when the experiment was killed after them."""
     results = {}
     for path in sorted(root.glob(f"**/{RESULTS}")):
         try:
@@ -79,7 +80,7 @@ def training_points(root: Path) -> list[dict[str, Any]]:
     points, seen = [], set()
     for folder, result in results.items():
         run = saved_run(folder)
-        if run is None or folder in stage_dirs or result["run_dir"] in seen:
+        if run is None or folder in stage_dirs or result.get("stage") or result["run_dir"] in seen:
             continue
         seen.add(result["run_dir"])
         method, seed, settings = run

@@ -263,6 +263,8 @@ def train(
             "resumed_from": ckpt_path,
             "report": {k: float(v) for k, v in sorted(report.items())},
         }
+        if stage is not None:  # a stage of an experiment, not a method's result (tokenprune-table skips it)
+            results["stage"] = stage
         if changes:
             results["resume_changes"] = {"at_step": resumed_step, "settings": changes}
         if trainer.is_global_zero:
@@ -276,14 +278,15 @@ def train(
         return results
 
 
-def reuse_finished(cfg: DictConfig) -> dict[str, Any] | None:
-    """With `skip_done`, the results of a finished run (or stage) with this configuration, also
-    written to this run's folder so that a sweep's folder is whole; None: it must be trained."""
+def reuse_finished(cfg: DictConfig, stage: str | None = None) -> dict[str, Any] | None:
+    """With `skip_done`, the results of a finished run (or experiment `stage`) with this
+    configuration, also written to this run's folder so that a sweep's folder is whole; None: it
+    must be trained."""
     done = finished_run(cfg) if cfg.skip_done else None
     if done is None:
         return None
     run_dir = Path(cfg.paths.output_dir)
-    results = {**done, "reused_by": str(run_dir)}
+    results = {**done, "reused_by": str(run_dir), **({"stage": stage} if stage is not None else {})}
     with claimed_run_dir(run_dir, cfg, RUN_OUTPUTS, "train"):
         log.info("skip_done: this configuration finished in %s; not run again", done["run_dir"])
         if process_rank() == 0:
@@ -333,9 +336,11 @@ def train_stages(cfg: DictConfig, command_overrides: list[str]) -> dict[str, Any
                 stage_cfg.paths.output_dir = str(run_dir / stage.name)
                 stage_cfg.module.init_from = init_from
             log.info("stage %s: %s", stage.name, " ".join(stage.overrides))
-            stages[stage.name] = reuse_finished(stage_cfg) or train(stage_cfg, stage=stage.name, group=group)
+            stages[stage.name] = reuse_finished(stage_cfg, stage.name) or train(
+                stage_cfg, stage=stage.name, group=group
+            )
             init_from = stages[stage.name]["last_checkpoint"]
-        final = stages[cfg.stages[-1].name]
+        final = {key: value for key, value in stages[cfg.stages[-1].name].items() if key != "stage"}
         results = {**final, "config_key": config_key(cfg), "run_dir": str(run_dir), "stages": stages}
         if process_rank() == 0:
             (run_dir / "results.json").write_text(json.dumps(results, indent=2))
