@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +49,8 @@ def test_speedup_coefficient_inverts_the_expected_speedup():
 def test_elimination_profile_follows_the_fit_until_it_rises():
     assert elimination_profile([4.0, 3.0, 2.4, 3.0, 1.0]) == pytest.approx([1.0, 0.75, 0.8, 1.0, 1.0])
     assert elimination_profile([4.0, 3.0, 2.0], rule="flat") == [1.0, 1.0, 1.0]
+    # a fit that overshoots below zero stops elimination there instead of giving a negative EP
+    assert elimination_profile([4.0, 2.0, -0.5, -1.0]) == pytest.approx([1.0, 0.5, 1.0, 1.0])
 
 
 def test_sort_and_eliminate_keeps_floor_of_rate_times_tokens_and_cls():
@@ -140,6 +143,17 @@ def test_a_profile_of_another_checkpoint_is_refused(tmp_path, acc_run):
     with pytest.raises(ValueError, match=r"module.profile_path=.* was measured on another model or task"):
         train(compose_app("train", overrides, tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+
+
+def test_a_model_trained_with_a_named_profile_reloads_without_the_file(tmp_path, acc_run):
+    finetuned = acc_run["stages"]["finetune"]["last_checkpoint"]
+    named = tmp_path / "named-profile.json"
+    shutil.copy(f"{finetuned}.acc-profile.json", named)
+    overrides = [*FAST, "pruner=acc", "module=acc", f"module.init_from={finetuned}", f"module.profile_path={named}"]
+    run = train(compose_app("train", [*overrides, "trainer.limit_train_batches=2"], tmp_path / "named"))
+    named.unlink()  # moved or deleted after training: the checkpoint holds the profile
+    module = load_module(run["last_checkpoint"])
+    assert module.pruner.profile == json.loads(Path(f"{finetuned}.acc-profile.json").read_text())["profile"]
 
 
 def test_offline_tuning_and_ablation_without_training(tmp_path, acc_run):

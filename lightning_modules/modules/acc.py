@@ -114,7 +114,9 @@ class ACCModule(TokenPruningModule):
         if not isinstance(self.pruner, ACCPruner):
             raise ValueError(f"module=acc needs pruner=acc, got {type(self.pruner).__name__}")
         self.save_hyperparameters({"stage": stage, "profile_batches": profile_batches, "profile_path": profile_path})
-        if profile_path is not None:  # a named profile must belong to this model and task: check before any work
+        # a named profile must belong to this model and task: checked before any work, unless the
+        # settings already hold the profile (a trained checkpoint rebuilt: its file is not needed)
+        if profile_path is not None and self.hparams["pruner"].get("acc") is None:
             self.read_profile(Path(profile_path), strict=True)
 
     def setup(self, stage: str) -> None:

@@ -1,7 +1,7 @@
 """ACC latency-adjustable Transformer (Kachuee and Sharifkhani, arXiv 2201.03327): Sort + Eliminate.
 
-After layer l's attention, every example keeps N_l = max(1, round(r_l * N_{l-1})) of its real
-tokens (eq. 3; N_{l-1} = its tokens entering the layer), with keep rate
+After layer l's attention, every example keeps N_l = max(1, floor(r_l * N_{l-1})) of its real
+tokens (eq. 3, with the `rounding` below; N_{l-1} = its tokens entering the layer), with keep rate
 r_l = min(1, SC * EP_l): SC is the Speedup Coefficient (the paper's alpha; smaller = faster,
 changeable after training: "offline tuning") and EP the Elimination Profile. [CLS] is kept and at
 least one token survives. The tokens kept are the top N_l by the score vector SV (ACC's
@@ -13,8 +13,8 @@ the score vector, ACC_l = median SV over real tokens of layer l averaged over a 
 eq. (3) and the cost model of eq. (4) (`expected_speedup`). Reconstructed (DESIGN.md s.5), and
 therefore swappable settings: the fitted curve (`curve`, a polynomial of `degree` over layers),
 the profile rule (`profile_rule=ratio`: EP_l = min(1, fit_l / fit_{l-1}) until the first layer
-where the fit rises, 1 from there on and at layer 0; `flat`: EP = 1, keep rate SC everywhere) and
-the rounding of eq. (3) (`rounding`: floor, the DESIGN default; ceil; round).
+where the fit rises or is no longer positive, 1 from there on and at layer 0; `flat`: EP = 1,
+keep rate SC everywhere) and the rounding of eq. (3) (`rounding`: floor, the DESIGN default; ceil; round).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def elimination_profile(fitted: Sequence[float], rule: str = "ratio") -> list[fl
     if rule == "flat":
         return profile
     for layer in range(1, len(fitted)):
-        if fitted[layer] >= fitted[layer - 1] or fitted[layer - 1] <= 0:
-            break  # elimination stops where the curve rises; later layers keep their count
+        if fitted[layer] >= fitted[layer - 1] or fitted[layer] <= 0:
+            break  # elimination stops where the curve rises (or overshoots to <= 0); later layers keep their count
         profile[layer] = min(1.0, fitted[layer] / fitted[layer - 1])
     return profile
 
