@@ -6,8 +6,10 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 from apps import FAST, compose_app, record_search_evaluations, searched
 
+import tokenprune.apps.search as search_app
 from tokenprune.apps.search import cache_path, run_search
 from tokenprune.apps.train import train
 from tokenprune.search.pareto import hypervolume, pareto_front
@@ -47,6 +49,25 @@ def test_grid_search_writes_front_and_resumes_from_cache(tmp_path, checkpoint):
     assert first["evaluated"] == first["cache_size"]
     assert again["evaluated"] == 0 and again["cache_hits"] == first["evaluated"] == again["cache_size"]
     pd.testing.assert_frame_equal(again["front"], first["front"])
+
+
+def test_each_evaluation_starts_from_an_rng_state_fixed_by_its_cache_identity(tmp_path, checkpoint, monkeypatch):
+    """A pruner that draws at random (the random baseline, ACC's order=random) then scores the same
+    in a fresh search as in the cache of an earlier one (separate roots: separate caches)."""
+    states: dict[str, list[str]] = {"a": [], "b": []}
+    real = search_app.evaluate
+
+    def recording(*args, **kwargs):
+        states[current].append(f"{kwargs['desc']} {hash(torch.random.get_rng_state().numpy().tobytes())}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_app, "evaluate", recording)
+    for current, prior in (("a", 1), ("b", 2)):
+        torch.manual_seed(prior)
+        random_grid = ["pruner@search.pruner=random", "search.pruner_group=random", "search.pruner.start_layer=0"]
+        run_search(search_cfg(tmp_path / current, checkpoint, "random", random_grid))
+    assert len(states["a"]) >= 3 and states["a"] == states["b"]
+    assert len({state.split()[-1] for state in states["a"]}) == len(states["a"])  # one stream per candidate
 
 
 def test_killed_search_reevaluates_only_what_is_missing(tmp_path, checkpoint):

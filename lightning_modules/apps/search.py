@@ -72,6 +72,12 @@ def cache_key(split: str, pruner_cfg: dict[str, Any]) -> str:
     return f"{split}:{json.dumps(pruner_cfg, sort_keys=True)}"
 
 
+def evaluation_seed(identity: str) -> int:
+    """The RNG seed of one evaluation, from its cache identity: a pruner that draws tokens at random
+    (the random baseline, ACC's order=random) scores the same in any search, resumed or not."""
+    return int(hashlib.sha256(identity.encode()).hexdigest()[:15], 16)
+
+
 def run_search(cfg: DictConfig) -> dict[str, Any]:
     if cfg.checkpoint is None or not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(
@@ -104,6 +110,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
                 return {**store.get(identity), "candidate": key}
             pruner = module.build_pruner(pruner_cfg)
             loader = data.val_dataloader() if split == "val" else data.test_dataloader()
+            torch.manual_seed(evaluation_seed(identity))
             result = evaluate(module, loader, pruner, desc=f"{split} {key}")
             return store.add(
                 identity, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg}
