@@ -153,6 +153,25 @@ def test_without_restore_only_surviving_positions_are_scored(tmp_path):
     assert metrics.compute()["report/perplexity"].item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_a_batch_of_one_token_examples_trains_with_a_zero_loss_not_nan(tmp_path):
+    """One-token examples have no next token: every target is ignored, and the loss (a mean over
+    no positions) must not turn the gradients into NaN."""
+    module = acc_module(tmp_path, restore=True).train()
+    ids = torch.tensor([[1500], [1600]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    logits, out = module(batch, pruner=module.pruner)
+    targets = module.targets(batch, out)
+    assert bool((targets == -100).all())
+    loss = module.task_loss(logits, targets)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    logits, out = module(lm_batch(), pruner=module.pruner)  # with labelled positions: the usual mean
+    targets = module.targets(lm_batch(), out)
+    expected = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(module.task_loss(logits, targets), expected)
+
+
 # --- Pareto fronts by main_mode ---------------------------------------------------------------
 
 

@@ -233,9 +233,12 @@ class TokenPruningModule(L.LightningModule):
         return following.gather(1, out.positions).masked_fill(~out.mask, -100)
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """MSE (regression) or cross-entropy averaged over the labelled positions; 0 for a batch with
+        none (one-token LM examples, an all-ignored token-level batch), where the mean is NaN."""
         if self.regression:
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+        total = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum")
+        return total / (labels != -100).sum().clamp(min=1)
 
     def update_metrics(self, metrics: MetricCollection, logits: Tensor, labels: Tensor) -> None:
         """Task metrics on predictions; token-level tasks skip sub-word/special positions (-100);
