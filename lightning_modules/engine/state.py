@@ -97,7 +97,8 @@ class LayerTrace:
     """What one layer did, per example: the counts the FLOPs counter and the logs need.
 
     n_in: real tokens entering; n_query: query rows whose attention logits were computed;
-    n_out: real tokens leaving (whose context, out-projection and FFN were computed);
+    n_out: real tokens leaving (whose context, out-projection and FFN are counted as computed;
+        a scoring layer at inference computes every row's context with its scores, README FLOPs);
     heads: attention heads used; scored: whether the score vector was computed;
     soft_mask: soft token weights (B, n) if the pruner gave any.
     """
