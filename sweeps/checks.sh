@@ -1,6 +1,7 @@
 # Sourced by the sweep scripts: refuse a bad environment setting before any run starts.
 #   need_int NAME MIN            the variable NAME holds an integer >= MIN
 #   need_numbers NAME MIN MAX    NAME holds one number, or a comma-separated list, each in [MIN, MAX]
+#   need_number NAME MIN MAX     NAME holds exactly one number in [MIN, MAX] (a setting that is not swept)
 #   need_choices NAME A B ...    NAME holds a comma-separated list of some of A B ...
 need_int() {
   local value=${!1}
@@ -17,6 +18,10 @@ need_numbers() {
       echo "$1=$value: '$item' must be a number in [$2, $3]" >&2; exit 2
     fi
   done
+}
+need_number() {
+  [[ ${!1} != *,* ]] || { echo "$1=${!1} must be one number in [$2, $3], not a list" >&2; exit 2; }
+  need_numbers "$@"
 }
 need_choices() {
   local name=$1 value=${!1} item

@@ -11,6 +11,7 @@
 #
 # Killing the search and rerunning its command resumes it from its cache.
 set -euo pipefail
+{  # read whole before anything runs: editing this file cannot change a sweep that is running it
 LENGTH_DROP=${LENGTH_DROP:-0.35}
 LAYER_DROP=${LAYER_DROP:-0}
 NUM_SANDWICH=${NUM_SANDWICH:-4}
@@ -21,11 +22,11 @@ MUTATIONS=${MUTATIONS:-10}
 CROSSOVERS=${CROSSOVERS:-10}
 EXTRA=${EXTRA:-}
 source "$(dirname "$0")/checks.sh"
-need_numbers LENGTH_DROP 0 0.99
-need_numbers LAYER_DROP 0 0.99
+need_number LENGTH_DROP 0 0.99
+need_number LAYER_DROP 0 0.99
 need_int NUM_SANDWICH 0
 need_int SANDWICH_EPOCHS 1
-need_numbers SANDWICH_LR 1e-9 1
+need_number SANDWICH_LR 1e-9 1
 need_int ITERATIONS 1
 need_int MUTATIONS 0
 need_int CROSSOVERS 0
@@ -51,3 +52,5 @@ tokenprune-search checkpoint="$checkpoint" search=evolution search.length_drop="
   'compare_constant_ratios=[0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9]'
 front=$(latest "$root/search/evolution/*/front.csv")
 echo "front: $front (its 'bench' column measures each configuration with tokenprune-bench)"
+exit
+}

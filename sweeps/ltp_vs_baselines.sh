@@ -12,6 +12,7 @@
 # 4. baselines on the baseline model: top-k keep-ratio grid and manual rising-threshold grid
 # 5. tokenprune-compare: one table (table.md/csv), front.png, W&B
 set -euo pipefail
+{  # read whole before anything runs: editing this file cannot change a sweep that is running it
 LAMBDAS=${LAMBDAS:-0.02,0.03,0.04,0.05}
 THRESHOLDS=${THRESHOLDS:-0.005}
 SOFT_EPOCHS=${SOFT_EPOCHS:-1}
@@ -47,3 +48,5 @@ tokenprune-compare --out "$root/compare" --wandb \
   --runs "$root/train/baseline/*/results.json" --label unpruned \
   --fronts "topk=$root/search/keep_ratio_grid/*/front.csv" \
   --fronts "manual_threshold=$root/search/threshold_grid/*/front.csv"
+exit
+}

@@ -24,6 +24,7 @@
 #     seed's chosen points); at the end the table with W&B and the results page (PAGE, default
 #     docs/results/<task>.md) beside the papers' figures
 set -euo pipefail
+{  # read whole before anything runs: editing this file cannot change a sweep that is running it
 TASK=${TASK:-rt_sentiment}
 SEEDS=${SEEDS:-1,2,3}
 LEVELS=${LEVELS:-0.3,0.4,0.5,0.6,0.7}
@@ -48,9 +49,9 @@ need_int HARD_EPOCHS 1
 need_numbers LAMBDAS 0 10
 need_numbers KEEP_RATIOS 0.01 1
 need_int SANDWICH_EPOCHS 1
-need_numbers LENGTH_DROP 0 0.99
+need_number LENGTH_DROP 0 0.99
 need_int ITERATIONS 1
-need_numbers ACC_SC 0.01 2
+need_number ACC_SC 0.01 2
 need_choices METHODS $ALL_METHODS
 [[ $PRESET =~ ^(|reference)$ ]] || { echo "PRESET=$PRESET is not one of: '' (our defaults), reference" >&2; exit 2; }
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs/methods_table/$TASK${PRESET:+-$PRESET}-$(date +%Y-%m-%d_%H-%M-%S)}
@@ -133,3 +134,5 @@ done
 benches
 tokenprune-table "$root" --levels "$LEVELS" --wandb --page "$PAGE"
 echo "table: $root/table/table.md; results page: $PAGE"
+exit
+}

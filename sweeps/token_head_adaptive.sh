@@ -13,6 +13,7 @@
 # Rerunning after a kill with the same START and TOKENPRUNE_OUTPUTS skips the finished trainings
 # (results.json written) and searches (front.csv written); a killed search resumes from its cache.
 set -euo pipefail
+{  # read whole before anything runs: editing this file cannot change a sweep that is running it
 START=${START:-}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-2}
 LENGTH_DROP=${LENGTH_DROP:-0.35}
@@ -28,11 +29,11 @@ METHODS=${METHODS:-tokens heads joint}
 EXTRA=${EXTRA:-}
 source "$(dirname "$0")/checks.sh"
 need_int FINETUNE_EPOCHS 1
-need_numbers LENGTH_DROP 0 0.99
-need_numbers LAYER_DROP 0 0.99
+need_number LENGTH_DROP 0 0.99
+need_number LAYER_DROP 0 0.99
 need_int NUM_SANDWICH 0
 need_int SANDWICH_EPOCHS 1
-need_numbers SANDWICH_LR 1e-9 1
+need_number SANDWICH_LR 1e-9 1
 need_int ITERATIONS 1
 need_int MUTATIONS 0
 need_int CROSSOVERS 0
@@ -45,14 +46,20 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 root=$TOKENPRUNE_OUTPUTS
 latest() { ls -t $1 | head -n 1; }
 
-if [[ -z $START ]]; then
-  tokenprune-train run_name=finetune trainer.max_epochs="$FINETUNE_EPOCHS" $EXTRA
-  START=$(latest "$root/train/finetune/*/checkpoints/last.ckpt")
+for prune in $METHODS; do
+  [[ $prune =~ ^(tokens|heads|joint)$ ]] || { echo "METHODS=$METHODS: '$prune' is not one of tokens, heads, joint" >&2; exit 2; }
+done
+
+if [[ -z $START ]]; then  # one fine-tuned start for every arm, also across reruns
+  if ! ls "$root"/train/finetune/*/results.json > /dev/null 2>&1; then
+    tokenprune-train run_name=finetune trainer.max_epochs="$FINETUNE_EPOCHS" $EXTRA
+  fi
+  START=$(latest "$root/train/finetune/*/results.json")
+  START=$(dirname "$START")/checkpoints/last.ckpt
 fi
 
 fronts=()
 for prune in $METHODS; do
-  [[ $prune =~ ^(tokens|heads|joint)$ ]] || { echo "METHODS: '$prune' is not one of tokens, heads, joint" >&2; exit 2; }
   # a rerun with the same TOKENPRUNE_OUTPUTS skips finished trainings and searches
   if ! ls "$root"/train/that-$prune/*/results.json > /dev/null 2>&1; then
     tokenprune-train run_name="that-$prune" pruner=token_head_adaptive module=token_head_adaptive \
@@ -72,3 +79,5 @@ done
 tokenprune-compare --runs "$root/train/that-*/*/results.json" --label "sandwich model, unpruned" \
   "${fronts[@]}" --budgets "$BUDGETS" --out "$root/compare/$(date +%Y-%m-%d_%H-%M-%S)"
 echo "table and plot: $(ls -td "$root"/compare/*/ | head -n 1)"
+exit
+}
