@@ -20,12 +20,14 @@ from tokenprune.allocator import keep_freed_memory
 def packed_batch(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int, length: int
 ) -> dict[str, Tensor]:
-    """A (batch_size, length) batch of real text with no padding: [CLS] text... [SEP] per row.
+    """A (batch_size, length) batch of real text with no padding, each row framed as the tokenizer
+    frames one text ([CLS] text... [SEP] for BERT, text... </s> for T5, the bare text for GPT-2).
 
     Texts are concatenated and cut into rows, so every position is a real token and FLOPs on
     real lengths equal FLOPs on tensor lengths.
     """
-    body = length - 2
+    prefix, suffix = special_frame(tokenizer)
+    body = length - len(prefix) - len(suffix)
     needed = batch_size * body
     stream: list[int] = []
     for text in texts:
@@ -37,10 +39,17 @@ def packed_batch(
     while len(stream) < needed:
         stream = stream + stream
     rows = torch.tensor(stream[:needed]).view(batch_size, body)
-    cls = torch.full((batch_size, 1), tokenizer.cls_token_id)
-    sep = torch.full((batch_size, 1), tokenizer.sep_token_id)
-    input_ids = torch.cat([cls, rows, sep], dim=1)
+    framed = [torch.tensor(part, dtype=rows.dtype).expand(batch_size, -1) for part in (prefix, suffix)]
+    input_ids = torch.cat([framed[0], rows, framed[1]], dim=1)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def special_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one text's tokens."""
+    text = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a")["input_ids"]
+    start = next(i for i in range(len(framed) - len(text) + 1) if framed[i : i + len(text)] == text)
+    return framed[:start], framed[start + len(text) :]
 
 
 def device_name(device: torch.device) -> str:

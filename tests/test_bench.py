@@ -30,6 +30,20 @@ def test_packed_batch_is_all_real_text():
     assert not torch.isin(batch["input_ids"][:, 1:-1], torch.tensor([tokenizer.pad_token_id])).any()
 
 
+def test_packed_batch_of_a_tokenizer_without_cls_and_sep_is_bare_text():
+    """GPT-2's kind of tokenizer adds no special tokens: its rows are text only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["a", "short", "text", "another", "one"]
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*words, "[UNK]"])}, unk_token="[UNK]"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model)
+    assert tokenizer.cls_token_id is None and tokenizer.sep_token_id is None
+    batch = packed_batch(tokenizer, ["a short text", "another one"], batch_size=2, length=4)
+    assert batch["input_ids"].tolist() == [[0, 1, 2, 3], [4, 0, 1, 2]]
+
+
 def test_bench_table_and_outputs(tmp_path):
     cfg = compose_app(
         "bench",
