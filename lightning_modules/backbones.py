@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from tokenprune.checks import check_choice
-from tokenprune.engine.adapters import T5_INPUT_LENGTH, EncoderAdapter
+from tokenprune.engine.adapters import EncoderAdapter
 
 # The HF auto class each backbone `head` builds (token-level tasks override `classification`).
 HEADS: dict[str, Any] = {
@@ -32,9 +32,6 @@ HEADS: dict[str, Any] = {
     "causal_lm": AutoModelForCausalLM,
     "seq2seq_lm": AutoModelForSeq2SeqLM,
 }
-
-# Families whose position ids start after the padding index (RoBERTa's learned offset).
-_POSITION_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "camembert")
 
 
 def resolve_location(value: Any) -> str | None:
@@ -49,15 +46,6 @@ def tokenizer_location(spec: Mapping[str, Any]) -> str:
     if location is None:
         raise ValueError(f"backbone.tokenizer is missing for backbone={spec.get('name')}")
     return location
-
-
-def usable_positions(config: PretrainedConfig) -> int:
-    """Longest input (in tokens) the backbone's position embeddings can encode; T5 (relative
-    positions, no table) the input length it was trained on."""
-    if config.model_type == "t5":
-        return T5_INPUT_LENGTH
-    offset = config.pad_token_id + 1 if config.model_type in _POSITION_OFFSET_FAMILIES else 0
-    return config.max_position_embeddings - offset
 
 
 def load_config(spec: Mapping[str, Any], num_labels: int) -> PretrainedConfig:

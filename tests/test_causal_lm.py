@@ -20,9 +20,10 @@ from hydra.utils import instantiate
 
 from tokenprune.apps.search import run_search
 from tokenprune.apps.train import train, train_stages
-from tokenprune.backbones import load_config, usable_positions
+from tokenprune.backbones import load_config
 from tokenprune.data import sources
 from tokenprune.data.datamodule import TaskDataModule
+from tokenprune.engine.adapters import usable_positions
 from tokenprune.modules.acc import ACCModule
 from tokenprune.modules.loading import load_module
 from tokenprune.pruners.acc import ACCPruner

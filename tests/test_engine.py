@@ -22,6 +22,18 @@ def test_unpruned_logits_equal_stock_hf(family, attn):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_max_positions_is_the_longest_input_the_stock_model_embeds(family):
+    """RoBERTa's table reserves its first pad_token_id + 1 rows: 80 rows hold 78 positions."""
+    model, adapter = tiny_model(family)
+    ids = torch.full((1, adapter.max_positions), 5)
+    assert adapter.max_positions == (78 if family == "roberta" else 80)
+    assert PrunableEncoder(adapter)(ids, torch.ones_like(ids)).hidden.shape[1] == ids.shape[1]
+    model(ids)
+    with pytest.raises((IndexError, RuntimeError)):
+        model(torch.full((1, adapter.max_positions + 1), 5))
+
+
 def test_batch_of_one_single_token_and_all_padding_rows():
     model, adapter = tiny_model("bert")
     encoder = PrunableEncoder(adapter)

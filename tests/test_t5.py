@@ -20,8 +20,9 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from tokenprune.apps.search import run_search
 from tokenprune.apps.train import train
-from tokenprune.backbones import load_config, usable_positions
+from tokenprune.backbones import load_config
 from tokenprune.data import sources
+from tokenprune.engine.adapters import usable_positions
 from tokenprune.modules.base import TokenPruningModule
 from tokenprune.modules.loading import load_module
 from tokenprune.pruners.acc import ACCPruner

@@ -44,10 +44,11 @@ from tokenprune.apps.settings import (
     nothing_left_if_refused,
     refusals_as_messages,
 )
-from tokenprune.backbones import assert_same_backbone, load_config, usable_positions
+from tokenprune.backbones import assert_same_backbone, load_config
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
 from tokenprune.data.sources import check_local_files
+from tokenprune.engine.adapters import usable_positions
 from tokenprune.modules.base import check_task_backbone
 from tokenprune.modules.callbacks import CheckpointRecord, ProgressLog, RunSettings, StepSeed
 from tokenprune.pruners import build_pruner

@@ -27,6 +27,19 @@ from tokenprune.engine.state import TokenState
 T5_INPUT_LENGTH = 512
 
 
+# Families whose position table reserves its first pad_token_id + 1 rows (positions start after padding).
+POSITION_OFFSET_FAMILIES = ("roberta", "xlm-roberta", "camembert")
+
+
+def usable_positions(config: PretrainedConfig) -> int:
+    """Longest input (in tokens) the backbone's position embeddings can encode; T5 (relative
+    positions, no table) the input length it was trained on."""
+    if config.model_type == "t5":
+        return T5_INPUT_LENGTH
+    offset = config.pad_token_id + 1 if config.model_type in POSITION_OFFSET_FAMILIES else 0
+    return config.max_position_embeddings - offset
+
+
 @dataclass(frozen=True)
 class Projection:
     """A linear map `x @ weight.T + bias` in nn.Linear orientation: weight (out, in).
@@ -111,11 +124,7 @@ class EncoderAdapter(ABC):
         self.hidden_size: int = config.hidden_size
         self.head_dim: int = self.hidden_size // self.num_heads
         self.intermediate_size: int = getattr(config, "intermediate_size", 0)
-        self.max_positions: int = self.position_limit(config)
-
-    def position_limit(self, config: PretrainedConfig) -> int:
-        """Longest input the position encoding supports."""
-        return config.max_position_embeddings
+        self.max_positions: int = usable_positions(config)
 
     @abstractmethod
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
@@ -335,9 +344,6 @@ class T5EncoderAdapter(EncoderAdapter):
         self.ffn_matrices = 3 if config.is_gated_act else 2
         self._layers: Any = self.encoder.block
         self._position_attention: Any = self._layers[0].layer[0].SelfAttention
-
-    def position_limit(self, config: PretrainedConfig) -> int:
-        return T5_INPUT_LENGTH
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
         return self.encoder.dropout(self.encoder.embed_tokens(input_ids))
