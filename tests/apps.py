@@ -25,10 +25,12 @@ FAST = [
 ]
 
 
-def compose_app(config: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose `conf/<config>.yaml` as the CLI would, writing into `output_dir`."""
+def compose_app(config: str, overrides: list[str], output_dir: Path, root: Path | None = None) -> DictConfig:
+    """Compose `conf/<config>.yaml` as the CLI would, writing into `output_dir` (paths.root: `root`,
+    by default the folder above it)."""
+    root = output_dir.parent if root is None else root
     with initialize_config_module(version_base="1.3", config_module="tokenprune.conf"):
-        cfg = compose(config, overrides=[*overrides, f"paths.root={output_dir.parent}"], return_hydra_config=True)
+        cfg = compose(config, overrides=[*overrides, f"paths.root={root}"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)

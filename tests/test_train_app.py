@@ -53,12 +53,18 @@ class CrashAfterFirstEpoch(L.Callback):
 
 
 def test_resume_from_last_matches_uninterrupted_run(tmp_path):
+    """ckpt_path=last finds the crashed run by its run_name, also from a multirun job's folder."""
     overrides = [*FAST, "trainer.max_epochs=2", "seed=7"]
     straight = train(compose_app("train", overrides, tmp_path / "straight"))
+    root, crashed = tmp_path / "root", tmp_path / "root" / "train" / "tiny-s7" / "t0"
+    named = [*overrides, "run_name=tiny-s7"]
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(compose_app("train", overrides, tmp_path / "crashed"), extra_callbacks=[CrashAfterFirstEpoch()])
-    resumed = train(compose_app("train", [*overrides, "ckpt_path=last"], tmp_path / "resumed"))
-    assert resumed["resumed_from"] == str(tmp_path / "crashed" / "checkpoints" / "last.ckpt")
+        train(compose_app("train", named, crashed, root), extra_callbacks=[CrashAfterFirstEpoch()])
+    other = root / "multirun" / "t0" / "0-other"  # another run's checkpoint, newer
+    train(compose_app("train", [*FAST, "trainer.max_epochs=1", "run_name=other"], other, root))
+    job = root / "multirun" / "t1" / "0-tiny-s7"
+    resumed = train(compose_app("train", [*named, "ckpt_path=last"], job, root))
+    assert resumed["resumed_from"] == str(crashed / "checkpoints" / "last.ckpt")
     assert resumed["report"] == pytest.approx(straight["report"], abs=1e-6)
     a = torch.load(Path(straight["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     b = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

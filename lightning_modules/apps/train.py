@@ -57,16 +57,31 @@ log = logging.getLogger(__name__)
 RUN_OUTPUTS = ("checkpoints", "results.json")  # what makes a folder another run's
 
 
-def resolve_checkpoint(ckpt_path: str | None, run_dir: Path, runs_root: Path) -> str | None:
-    """`last` -> the newest last.ckpt of an earlier run of the same run_name (not this run's)."""
+def resolve_checkpoint(cfg: DictConfig) -> str | None:
+    """`ckpt_path=last` -> the newest last.ckpt of an earlier run under paths.root with the same
+    run_name (single runs and multirun jobs alike; not this run's)."""
+    ckpt_path = cfg.ckpt_path
     if ckpt_path != "last":
         if ckpt_path is not None and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
         return ckpt_path
-    candidates = [p for p in runs_root.glob("*/checkpoints/last.ckpt") if run_dir not in p.parents]
+    run_dir = Path(cfg.paths.output_dir)
+    candidates = [
+        last
+        for last in Path(cfg.paths.root).glob("**/checkpoints/last.ckpt")
+        if run_dir not in last.parents and saved_run_name(last.parent.parent) == cfg.run_name
+    ]
     if not candidates:
-        raise FileNotFoundError(f"ckpt_path=last but no earlier run left a last.ckpt under {runs_root}")
+        raise FileNotFoundError(
+            f"ckpt_path=last but no earlier run named {cfg.run_name} left a last.ckpt under {cfg.paths.root}"
+        )
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def saved_run_name(run_dir: Path) -> str | None:
+    """The run_name in a run folder's saved settings (None: no saved settings)."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    return OmegaConf.select(OmegaConf.load(saved), "run_name") if saved.is_file() else None
 
 
 # Settings that may differ between a run and its resume without changing the model, data or
@@ -198,7 +213,7 @@ def train(
         if ckpt_path is not None:
             log.info("skip_done: resuming the interrupted run of this configuration from %s", ckpt_path)
     else:
-        ckpt_path = resolve_checkpoint(cfg.ckpt_path, run_dir, run_dir.parent)
+        ckpt_path = resolve_checkpoint(cfg)
     changes: dict[str, list[Any]] = {}
     resumed_step = None
     if ckpt_path is not None:
