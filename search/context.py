@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -75,8 +75,14 @@ class SearchContext:
             if not isinstance(self.template, TokenHeadPruner):
                 raise ValueError("joint (lengths, heads) genes need a Token+Head Adaptive checkpoint")
             lengths, heads = gene
-            return self.template.with_genes(lengths, heads)
-        return self.template.with_gene(gene)
+            return self.template.with_genes(self.uncapped(lengths), heads)
+        return self.template.with_gene(self.uncapped(cast(Gene, gene)))
+
+    def uncapped(self, lengths: Sequence[int]) -> tuple[int, ...]:
+        """`lengths` with every entry at max_gene_length (keep every search-split token) widened to
+        the reference length, so that longer examples of another split keep every token there too."""
+        widest = self.max_gene_length
+        return tuple(self.template.reference_length if length >= widest else length for length in lengths)
 
     def gene_flops(self, gene: Gene | JointGene) -> float:
         """Relative FLOPs of `gene` on the val split (analytic, real lengths, no forward)."""

@@ -145,6 +145,8 @@ def test_search_space_and_analytic_flops_follow_the_length_unit(unit, longest):
     context = SearchContext(dims, LengthConfigPruner(3, None, 64, unit), lengths, score=lambda key, config: {})
     assert context.max_gene_length == longest
     assert context.gene_flops((longest,) * 3) == pytest.approx(1.0)
+    # entries that keep every search-split token keep every token of a longer report example too
+    assert context.pruner_for((longest, longest, 8)).gene == (64, 64, 8)
     gene = (20, 10, 5)
     pruned = full = 0.0
     for n in lengths:  # one example per batch: the engine's trace counts exactly what it computed
