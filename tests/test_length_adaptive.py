@@ -224,6 +224,7 @@ def test_search_refuses_non_length_adaptive_checkpoint_and_tiny_budget(tmp_path,
         ("search.length_drop=1.0", r"search.length_drop=1.0 is outside the allowed range \[0.0, 1.0\)"),
         ("search.mutation_prob=0", r"search.mutation_prob=0 is outside the allowed range \(0.0, 1.0\]"),
         ("search.iterations=0", "search.iterations=0 must be >= 1"),
+        ("compare_constant_ratios=[0,0.5]", r"compare_constant_ratios\[0\]=0 is outside the allowed range \(0, 1\]"),
     ],
 )
 def test_bad_evolution_settings(tmp_path, lat_checkpoint, override, message):

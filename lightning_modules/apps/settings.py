@@ -37,7 +37,8 @@ MISSING = object()
 
 @dataclass(frozen=True)
 class Rule:
-    """One setting: an int or float (optionally in [low, high]), or one of `choices`; None allowed if optional."""
+    """One setting: an int or float (optionally in [low, high], or (low, high] when `low_open`), or
+    one of `choices`; None allowed if optional."""
 
     kind: type = int
     low: float | None = None
@@ -45,6 +46,7 @@ class Rule:
     choices: Sequence[str] = ()
     optional: bool = False
     each: bool = False  # the setting is a non-empty list and every entry follows the rule
+    low_open: bool = False
 
     def check(self, name: str, value: Any) -> None:
         if value is None and self.optional:
@@ -53,7 +55,9 @@ class Rule:
             if not isinstance(value, (list, tuple)) or not value:
                 raise ValueError(f"{name}={value!r} must be a non-empty list")
             for index, item in enumerate(value):
-                Rule(self.kind, self.low, self.high, self.choices).check(f"{name}[{index}]", item)
+                Rule(self.kind, self.low, self.high, self.choices, low_open=self.low_open).check(
+                    f"{name}[{index}]", item
+                )
             return
         if self.choices:
             if value not in self.choices:
@@ -63,13 +67,15 @@ class Rule:
         if isinstance(value, bool) or not isinstance(value, numeric):
             kind = "an integer" if self.kind is int else "a number"
             raise TypeError(f"{name}={value!r} must be {kind}{self._interval()}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if below or (self.high is not None and value > self.high):
             raise ValueError(f"{name}={value!r} is outside the allowed range{self._interval()}")
 
     def _interval(self) -> str:
         if self.low is None and self.high is None:
             return ""
-        return f" [{'-inf' if self.low is None else self.low}, {'inf' if self.high is None else self.high}]"
+        opening = "(" if self.low_open or self.low is None else "["
+        return f" {opening}{'-inf' if self.low is None else self.low}, {'inf' if self.high is None else self.high}]"
 
 
 TRAINER = {
@@ -96,7 +102,7 @@ SEARCH = {
     "threads": Rule(int, 1),
     "eval_batch_size": Rule(int, 1),
     "device": Rule(choices=("cpu", "cuda", "mps")),
-    "compare_constant_ratios": Rule(float, 0, 1, optional=True, each=True),
+    "compare_constant_ratios": Rule(float, 0, 1, optional=True, each=True, low_open=True),
     "measure.batch_size": Rule(int, 1),
     "measure.warmup": Rule(int, 0),
     "measure.repeats": Rule(int, 1),
