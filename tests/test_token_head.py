@@ -337,6 +337,10 @@ def test_latency_objective_search_runs_and_caches_timings_per_device(that_run, t
     rerun = run_search(compose_app("search", overrides, tmp_path / "latency-again"))
     assert not searched(scored)
     assert rerun["candidates"].latency_ratio.tolist() == candidates.latency_ratio.tolist(), "timings from the cache"
+    # another timing sample is another measurement: timed afresh, not taken from the cache
+    resampled = run_search(compose_app("search", [*overrides, "measure.search_batches=3"], tmp_path / "latency-3"))
+    cache = [json.loads(line) for line in Path(result["cache"]).read_text().splitlines()]
+    assert len([r for r in cache if ":batch 32 x 3:" in r["key"]]) == len(resampled["candidates"])
     with pytest.raises(ValueError, match="search.objective=speed is not one of: flops, latency"):
         that_search(that_run["last_checkpoint"], tmp_path / "speed", "search.objective=speed")
     assert not (tmp_path / "speed").exists(), "refused before any output"

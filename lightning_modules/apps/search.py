@@ -147,10 +147,12 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             return [batches[i] for i in picks]
 
         device = f"{device_name(module.device)}, {keep_freed_memory()}"  # what a cached latency was measured under
+        workload = f"batch {int(cfg.measure.batch_size)} x {int(cfg.measure.search_batches)}"  # and on what
 
         def latency(pruner_cfg: dict[str, Any]) -> float:
-            """Wall time of a configuration over the stock model's (interleaved), cached per device."""
-            identity = f"latency:{device}:{cache_key('val', pruner_cfg)}"
+            """Wall time of a configuration over the stock model's (interleaved), cached per device
+            and timing sample (measure.batch_size, measure.search_batches)."""
+            identity = f"latency:{device}:{workload}:{cache_key('val', pruner_cfg)}"
             if identity in store:
                 return float(store.get(identity)["latency_ratio"])
             speedup = measure([pruner_cfg], latency_batches())[0]
