@@ -201,10 +201,12 @@ class TaskDataModule(L.LightningDataModule):
             self.splits[split], batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=self.num_workers
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, shard: bool = True) -> DataLoader:
+        """The training batches of this process (under DDP: its share), or with `shard=False` all
+        of them (one pass over the whole split: ACC's profile, head importance)."""
         assert self.splits is not None, "call setup() first"
         train = self.splits["train"]
-        order = BucketShuffleSampler(self.lengths["train"], self.batch_size, seed=self.seed)
+        order = BucketShuffleSampler(self.lengths["train"], self.batch_size, seed=self.seed, shard=shard)
         batches = BatchSampler(order, self.batch_size, drop_last=False)
         return DataLoader(train, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
 

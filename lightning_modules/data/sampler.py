@@ -20,14 +20,18 @@ class BucketShuffleSampler(Sampler[int]):
     The order depends only on (seed, epoch); Lightning calls `set_epoch` on a batch sampler's
     `sampler` before each epoch, so a resumed run sees exactly the batches of the uninterrupted
     one. Under DDP each rank takes every world_size-th batch, equal counts per rank (set
-    `use_distributed_sampler: false`, as conf/trainer/ddp.yaml does).
+    `use_distributed_sampler: false`, as conf/trainer/ddp.yaml does), unless `shard` is false
+    (a pass over the whole split in one process).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, pool_batches: int = 50) -> None:
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, pool_batches: int = 50, shard: bool = True
+    ) -> None:
         self.lengths = torch.as_tensor(list(lengths))
         self.batch_size = batch_size
         self.seed = seed
         self.pool_batches = pool_batches
+        self.shard = shard
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -44,7 +48,7 @@ class BucketShuffleSampler(Sampler[int]):
             batches.extend(chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size))
         short = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + short
-        if dist.is_available() and dist.is_initialized():
+        if self.shard and dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
             usable = max(len(batches) // world, 1) * world
             batches = batches[:usable][dist.get_rank() :: world]

@@ -133,7 +133,9 @@ class ACCModule(TokenPruningModule):
             )
         super().setup(stage)
         if stage == "fit" and self.hparams["stage"] == "acc" and self.hparams["pruner"].get("acc") is None:
-            self.use_profile(self.profile_artifact())
+            # measured (or read) once, by the first process over the whole split; every DDP rank gets it
+            artifact = self.profile_artifact() if self.trainer.is_global_zero else None
+            self.use_profile(self.trainer.strategy.broadcast(artifact, src=0))
 
     def identity(self) -> dict[str, Any]:
         """What a profile was measured on: the starting checkpoint's bytes (without one, the
@@ -186,7 +188,7 @@ class ACCModule(TokenPruningModule):
             log.info("ACC profile from %s", path)
             return saved
         identity = self.identity()
-        acc = measure_acc(self, self.trainer.datamodule.train_dataloader(), self.hparams["profile_batches"])
+        acc = measure_acc(self, self.trainer.datamodule.train_dataloader(shard=False), self.hparams["profile_batches"])
         pruner = self.pruner
         assert isinstance(pruner, ACCPruner)
         fitted, profile = profile_from_acc(acc, pruner.curve, pruner.degree, pruner.profile_rule)

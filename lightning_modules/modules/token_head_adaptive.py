@@ -160,7 +160,7 @@ class TokenHeadAdaptiveModule(LengthAdaptiveModule):
     def importance_artifact(self) -> Tensor:
         """Importance of the starting checkpoint: read from its cache file, or measured and cached
         (a new file per checkpoint digest and data; written atomically, nothing overwritten)."""
-        loader = self.trainer.datamodule.train_dataloader()
+        loader = self.trainer.datamodule.train_dataloader(shard=False)  # the whole split, also under DDP
         if self.hparams["init_from"] is None:
             log.warning("module.init_from is not set: head importance of the pretrained weights, not cached")
             return head_importance(self, loader)
