@@ -81,8 +81,7 @@ class ACCSpeedup(SearchStrategy):
         if self.objective == "latency":
             assert context.measure is not None, "the app measures latency"
             measured = context.measure([pruner.settings(speedup_coefficient=sc) for sc in self.calibration])
-            # measured speedup falls as SC rises: interpolate SC over the (increasing) reversed pairs
-            coefficient = float(np.interp(self.target, measured[::-1], self.calibration[::-1]))
+            coefficient = self.interpolated(measured)
         candidate = pruner.with_settings(speedup_coefficient=coefficient)
         config = candidate.settings()
         record = context.score(f"speedup_coefficient={coefficient:.4f}", config)
@@ -103,6 +102,19 @@ class ACCSpeedup(SearchStrategy):
             + (f", measured {result['measured_speedup']:.3f}x" if "measured_speedup" in result else "")
         )
         return [result]
+
+    def interpolated(self, measured: Sequence[float]) -> float:
+        """The SC whose speedup is the target, interpolated between the calibration SCs' measured
+        speedups (ordered by speedup: timings of close SCs may cross); refused outside them."""
+        order = np.argsort(measured, kind="stable")
+        speedups, coefficients = np.asarray(measured)[order], np.asarray(self.calibration)[order]
+        if not speedups[0] <= self.target <= speedups[-1]:
+            raise ValueError(
+                f"target_speedup={self.target} is outside the speedups measured on this device at "
+                f"search.calibration={self.calibration} ({speedups[0]:.3f}x to {speedups[-1]:.3f}x); "
+                "widen search.calibration"
+            )
+        return float(np.interp(self.target, speedups, coefficients))
 
 
 class ACCOfflineTuning(SearchStrategy):

@@ -24,7 +24,7 @@ from tokenprune.pruners.acc import (
     expected_speedup,
     keep_rates,
 )
-from tokenprune.search.acc import acc_flops_ratio
+from tokenprune.search.acc import ACCSpeedup, acc_flops_ratio
 
 # Table VI, Flan-T5-base encoder (12 layers), MMLU: SC -> encoder speedup
 TABLE_VI = {0.98: 1.18, 0.95: 1.41, 0.93: 1.58, 0.90: 1.83, 0.85: 2.34, 0.80: 2.94}
@@ -184,6 +184,15 @@ def test_speedup_search_prints_the_coefficient_and_both_figures(tmp_path, acc_ru
         run_search(compose_app("search", [*overrides[:-1], "target_speedup=0.5"], tmp_path / "low"))
     with pytest.raises(ValueError, match="search.objective=speed is not one of: flops, latency"):
         run_search(compose_app("search", [*overrides, "search.objective=speed"], tmp_path / "objective"))
+
+
+def test_latency_form_interpolates_measured_speedups_and_refuses_targets_outside_them():
+    search = ACCSpeedup(target_speedup=2.0, objective="latency", calibration=[0.6, 0.7, 0.8, 0.9])
+    # timings of neighbouring SCs may cross: 0.8 measured a hair faster than 0.7
+    assert search.interpolated([3.0, 2.2, 2.25, 1.5]) == pytest.approx(0.9 - 0.2 * 0.5 / 0.7)  # between 0.9 and 0.7
+    assert search.interpolated([2.5, 2.0, 1.8, 1.5]) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match=r"target_speedup=2.0 is outside the speedups .* \(1.500x to 1.900x\)"):
+        search.interpolated([1.9, 1.8, 1.7, 1.5])
 
 
 @pytest.mark.parametrize(
