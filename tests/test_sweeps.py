@@ -16,7 +16,7 @@ from PIL import Image
 from wandb_files import runs_under
 
 from tokenprune.apps.bench import measure_and_write
-from tokenprune.apps.report import wandb_report
+from tokenprune.apps.report import sweep_mode, wandb_report
 from tokenprune.apps.runs import GROUP_ENV
 from tokenprune.apps.search import run_search
 from tokenprune.apps.train import train
@@ -126,3 +126,12 @@ def test_search_and_bench_runs_link_to_the_training_run_and_log_numbers(tmp_path
     assert searched.config["training_run"]["run_dir"] == str(tmp_path / "train")
     assert "backbone:tiny" in searched.tags and "method:keep_ratio_grid" in searched.tags
     assert "search-cache" in [a.split(":")[0] for a in searched.artifacts]  # (tables are run_table artifacts)
+
+
+def test_a_search_sweep_of_perplexity_keeps_the_lowest_scores(tmp_path):
+    """A search job's settings name a checkpoint, not a task: its summary.json says min or max."""
+    job = tmp_path / "0-acc_offline"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text("checkpoint: lm.ckpt\nrun_name: acc_offline\n")
+    (job / "summary.json").write_text('{"main_metric": "perplexity", "main_mode": "min"}')
+    assert sweep_mode(tmp_path) == "min"

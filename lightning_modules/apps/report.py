@@ -128,9 +128,14 @@ def best_per_method(scored: pd.DataFrame, mode: str) -> pd.DataFrame:
 
 
 def sweep_mode(sweep_dir: Path) -> str:
-    """`max` or `min`: whether a higher score is better, from the jobs' task (`task.main_mode`)."""
+    """`max` or `min`: whether a higher score is better, from the jobs' task (`task.main_mode`),
+    or for searches (whose settings name a checkpoint, not a task) their summary.json."""
     for settings in sorted(sweep_dir.glob(f"*/{SETTINGS}")):
         mode = OmegaConf.select(OmegaConf.load(settings), "task.main_mode")
+        if mode:
+            return str(mode)
+    for summary in sorted(sweep_dir.glob("*/summary.json")):
+        mode = json.loads(summary.read_text()).get("main_mode")
         if mode:
             return str(mode)
     return "max"
