@@ -206,6 +206,11 @@ class EvolutionarySearch(SearchStrategy):
                 evaluated[gene] = self.record(gene, "initial", context)
         for iteration in range(self.iterations):
             front = self.front_of(evaluated, context)
+            if not front:  # nothing to mutate or cross: the FLOPs band holds no initial configuration
+                raise ValueError(
+                    f"no initial configuration lies within search.flops_min={self.flops_min}.."
+                    f"search.flops_max={self.flops_max} (relative FLOPs); widen the band or raise search.population"
+                )
             self.progress(iteration, evaluated, context)
             children: list[tuple[Any, str, tuple[Any, ...]]] = []
             for kind, count in (("mutation", self.mutations), ("crossover", self.crossovers)):

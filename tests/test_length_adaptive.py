@@ -216,6 +216,9 @@ def test_search_refuses_non_length_adaptive_checkpoint_and_tiny_budget(tmp_path,
         run_search(search_cfg(tmp_path, plain, "x"))
     with pytest.raises(ValueError, match="search.flops_max=0.01 is below the smallest length configuration"):
         run_search(search_cfg(tmp_path, lat_checkpoint, "y", ["search.flops_max=0.01"]))
+    band = ["search.flops_min=0.95001", "search.flops_max=0.95002"]  # no initial gene lies in it
+    with pytest.raises(ValueError, match=r"no initial configuration lies within search.flops_min=0.95001"):
+        run_search(search_cfg(tmp_path, lat_checkpoint, "z", band))
 
 
 @pytest.mark.parametrize(
