@@ -86,12 +86,13 @@ def test_bench_under_mixed_precision_names_the_device_in_every_row(tmp_path, pre
     assert [line.split(" (")[0] for line in progress] == ["bench cell 1/2", "bench cell 2/2"]
 
 
-def test_bench_refuses_lengths_beyond_positions(tmp_path):
-    cfg = compose_app("bench", ["backbone=tiny", "logger=csv", "lengths=[500]", "pruner=topk"], tmp_path / "bench")
+def test_bench_refuses_lengths_beyond_positions_before_timing_any(tmp_path):
+    overrides = ["backbone=tiny", "logger=csv", "lengths=[32,500]", "pruner=topk"]
     with pytest.raises(
         ValueError, match=r"lengths entry 500 must be an int in \(2, 128\] for backbone=tiny or 'report'"
     ):
-        run_bench(cfg)
+        run_bench(compose_app("bench", overrides, tmp_path / "bench"))
+    assert not (tmp_path / "bench").exists(), "refused before the 32-token cell was measured"
 
 
 def test_training_step_bench_compares_ltp_stages(tmp_path):

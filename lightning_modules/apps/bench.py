@@ -83,20 +83,26 @@ def refuse_contradictions(module: TokenPruningModule, checkpoint: str) -> None:
 REPORT_SPLIT = "report"  # a `lengths` entry: the task's report split at its real lengths
 
 
+def check_length(module: TokenPruningModule, length: int | str) -> None:
+    """A `lengths` entry: the report split, or a packed length the backbone can embed."""
+    limit = module.adapter.max_positions
+    if length != REPORT_SPLIT and (isinstance(length, str) or not 2 < length <= limit):
+        raise ValueError(
+            f"lengths entry {length} must be an int in (2, {limit}] for "
+            f"backbone={module.hparams['backbone']['name']} or '{REPORT_SPLIT}'"
+        )
+
+
 def bench_batches(
     module: TokenPruningModule, texts: list[str], batch_size: int, length: int | str
 ) -> list[dict[str, Tensor]]:
     """One packed real-text batch of `length` tokens per row, or (length == "report") the module's
     task report split at its real lengths, length-sorted and padded per batch as evaluation does."""
     backbone = module.hparams["backbone"]
+    check_length(module, length)
     if length == REPORT_SPLIT:
         loader = datamodule_for(module, batch_size).test_dataloader()
         return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]
-    limit = module.adapter.max_positions
-    if isinstance(length, str) or not 2 < length <= limit:
-        raise ValueError(
-            f"lengths entry {length} must be an int in (2, {limit}] for backbone={backbone['name']} or '{REPORT_SPLIT}'"
-        )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(backbone))
     return [packed_batch(tokenizer, texts, batch_size, length)]
 
@@ -109,6 +115,8 @@ def run_bench(cfg: DictConfig) -> pd.DataFrame:
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     module = bench_module(cfg)
+    for length in cfg.lengths:  # every entry before the first timing
+        check_length(module, length)
     with claimed_run_dir(Path(cfg.paths.output_dir), cfg, BENCH_OUTPUTS, "bench"):
         module = module.to(device)
         task = module.hparams["task"]

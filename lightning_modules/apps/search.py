@@ -5,7 +5,8 @@
 
 Candidates are scored on the task's `val` split with physically pruned forwards; the Pareto
 front is then evaluated on the `report` split. Every evaluation is cached on disk under
-`<outputs>/search/<run_name>/cache-<digest>.jsonl` (digest of the checkpoint file), keyed by split
+`<outputs>/search/<run_name>/cache-<digest>.jsonl` (digest of the checkpoint's path, size and
+modification time), keyed by split
 and pruner configuration: rerunning a killed search resumes without re-evaluating anything, and a
 longer or wider search of the same checkpoint (more iterations, other bounds) reuses every
 configuration already scored.
@@ -17,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -199,7 +201,7 @@ def bench_command(cfg: DictConfig, group: str, pruner_cfg: dict[str, Any]) -> st
     """The tokenprune-bench command that times a front member (its pruner config as overrides)."""
     settings = " ".join(f"'pruner.{key}={json.dumps(value)}'" for key, value in pruner_cfg.items() if key != "_target_")
     return (
-        f"tokenprune-bench checkpoint={Path(cfg.checkpoint).resolve()} checkpoint_pruner=false "
+        f"tokenprune-bench {shlex.quote(f'checkpoint={Path(cfg.checkpoint).resolve()}')} checkpoint_pruner=false "
         f"pruner={group} {settings}"
     )
 

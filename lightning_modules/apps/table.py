@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ from tokenprune.search.pareto import plot_pareto
 
 RUN_NAME = re.compile(r"^(?P<method>.+)-s(?P<seed>\d+)$")
 UNPRUNED = "unpruned"
-BENCH_COMMAND = "tokenprune-bench checkpoint={checkpoint}"
+BENCH_COMMAND = "tokenprune-bench {checkpoint}"  # run by the sweeps through `eval`: the path is quoted
 # The files a table is built from, in a run's folder (tokenprune-ledger copies them).
 RESULTS, FRONT, OFFLINE_TUNING, BENCH = "results.json", "front.csv", "offline_tuning.csv", "bench.json"
 TABLE_INPUTS = (RESULTS, FRONT, OFFLINE_TUNING, BENCH)
@@ -93,7 +94,7 @@ def training_points(root: Path) -> list[dict[str, Any]]:
                 "score": report[f"report/{settings.task.main_metric}"],
                 "flops_ratio": report["report/flops_ratio"],
                 "measured_speedup": np.nan,
-                "bench": BENCH_COMMAND.format(checkpoint=result["last_checkpoint"]),
+                "bench": BENCH_COMMAND.format(checkpoint=shlex.quote(f"checkpoint={result['last_checkpoint']}")),
                 "source": result["run_dir"],
                 "backbone": settings.backbone.name,
                 "task": settings.task.name,
