@@ -88,6 +88,10 @@ def test_a_weight_is_reordered_once_per_value_and_forgotten_with_it(kernel):
     assert identity in _blocked_weights
     del freed  # its blocked copy goes with it
     assert identity not in _blocked_weights
+    conv1d = torch.randn(6, 8)  # GPT-2's Conv1D weight (in, out): the engine passes a fresh `.T` each pass
+    with torch.no_grad():
+        assert reorders(lambda: [linear(x, conv1d.T) for _ in range(3)]) == 1
+        torch.testing.assert_close(linear(x, conv1d.T), x @ conv1d, atol=1e-5, rtol=1e-5)
 
 
 @needs_onednn

@@ -71,20 +71,23 @@ def value_key(tensor: Tensor) -> tuple[Hashable, ...]:
     return tensor.data_ptr(), tensor.shape, tensor.stride(), version
 
 
-# id(weight) -> (a weak reference to it, the key of its values, its blocked copy)
+# id(owner) -> (a weak reference to the owner, the key of the weight's values, its blocked copy); the
+# owner is the weight, or the tensor it views (GPT-2's out-projection is a fresh `.T` of its Conv1D
+# weight on every pass, so a view's own identity would never hit)
 _blocked_weights: dict[int, tuple[weakref.ref[Tensor], tuple[Hashable, ...], Tensor]] = {}
 
 
 def _blocked(weight: Tensor) -> Tensor:
     """`weight` in oneDNN's blocked layout, reordered once per weight value: the copy is kept
-    while the weight lives and remade when its values change."""
+    while the weight (or the tensor it views) lives and remade when its values change."""
+    owner = weight if weight._base is None else weight._base
     key = value_key(weight)
-    hit = _blocked_weights.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
+    hit = _blocked_weights.get(id(owner))
+    if hit is not None and hit[0]() is owner and hit[1] == key:
         return hit[2]
     blocked = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
-    identity = id(weight)
-    forget = weakref.ref(weight, lambda _: _blocked_weights.pop(identity, None))
+    identity = id(owner)
+    forget = weakref.ref(owner, lambda _: _blocked_weights.pop(identity, None))
     _blocked_weights[identity] = (forget, key, blocked)
     return blocked
 
