@@ -82,6 +82,20 @@ def test_killed_search_reevaluates_only_what_is_missing(tmp_path, checkpoint):
     pd.testing.assert_frame_equal(resumed["front"].drop(columns="key"), full["front"].drop(columns="key"))
 
 
+def test_store_skips_a_damaged_line_and_keeps_appends_of_another_process(tmp_path, caplog):
+    path = tmp_path / "cache.jsonl"
+    first, other = CandidateStore(path), CandidateStore(path)  # two searches sharing one cache
+    first.add("a", {"score": 1.0})
+    with path.open("a") as handle:
+        handle.write('{"key": "b", "sco')  # killed mid-write
+    other.add("c", {"score": 3.0})
+    first.add("d", {"score": 4.0})
+    with caplog.at_level("WARNING", logger="tokenprune.search.store"):
+        reread = CandidateStore(path)
+    assert sorted(reread.records) == ["a", "c", "d"]
+    assert f"{path} line 2 is not a whole record" in caplog.text
+
+
 def test_cache_is_shared_by_pruner_configuration_not_by_name(tmp_path, checkpoint, monkeypatch):
     scored = record_search_evaluations(monkeypatch)
     run_search(search_cfg(tmp_path, checkpoint, "first"))
