@@ -410,6 +410,25 @@ def test_sweep_scripts_refuse_bad_settings_before_any_run(tmp_path, script, vari
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    ("app", "args", "message"),
+    [
+        ("tokenprune.apps.table", ["{root}", "--levels", "0.3,x"], "--levels=0.3,x: give comma-separated numbers"),
+        ("tokenprune.apps.table", ["{root}", "--levels", "0.5,1.5"], "--levels=0.5,1.5: each level must be in (0, 1]"),
+        ("tokenprune.apps.compare", ["--runs", "{root}/*.json", "--label", "a", "--out", "{root}/o"], "matches no"),
+        (
+            "tokenprune.apps.compare",
+            ["--fronts", "a={root}/*.csv", "--budgets", "0.4,y", "--out", "{root}/o"],
+            "--budgets=0.4,y: give comma-separated numbers",
+        ),
+    ],
+)
+def test_table_and_compare_refuse_bad_options_naming_them(tmp_path, app, args, message):
+    done = run_cli(app, [a.format(root=tmp_path) for a in args], tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
+
+
 def test_checkpoint_from_before_the_tokenprune_namespace_still_loads(tmp_path, trained):
     """Old layout: module_class and _target_s under `lightning_modules.`, an `optim` node."""
     from tokenprune.modules.loading import load_module

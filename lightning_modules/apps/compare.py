@@ -20,12 +20,16 @@ import pandas as pd
 import wandb
 
 from tokenprune.apps.runs import GROUP_ENV
+from tokenprune.apps.settings import fractions
 from tokenprune.search.pareto import plot_pareto
 
 
 def run_points(pattern: str, label: str, metric: str) -> pd.DataFrame:
     rows = []
-    for path in sorted(glob.glob(pattern)):
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"--runs {pattern} matches no results.json")
+    for path in paths:
         result = json.loads(Path(path).read_text())
         report = result["report"]
         rows.append(
@@ -45,7 +49,7 @@ def front_points(spec: str) -> pd.DataFrame:
     label, pattern = spec.split("=", 1)
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise FileNotFoundError(f"no front.csv matches {pattern}")
+        raise FileNotFoundError(f"--fronts {spec} matches no front.csv")
     table = pd.read_csv(paths[-1])
     return table.assign(method=label, run=paths[-1])[["method", "run", "candidate", "score", "flops_ratio", "gflops"]]
 
@@ -69,21 +73,26 @@ def main() -> None:
     parser.add_argument("--fronts", action="append", default=[], help="label=glob of a search's front.csv")
     parser.add_argument("--metric", default="accuracy")
     parser.add_argument("--mode", default="max", choices=["max", "min"], help="higher (max) or lower is better")
-    parser.add_argument("--budgets", default="", help="e.g. 0.3,0.4,0.5: best score per method within each")
+    parser.add_argument(
+        "--budgets", default=[], type=fractions("--budgets"), help="e.g. 0.3,0.4,0.5: best score per method within each"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--wandb", action="store_true", help="log table and plot to W&B (offline unless WANDB_MODE)")
     args = parser.parse_args()
     if len(args.label) != len(args.runs):
         parser.error("give one --label per --runs")
-    parts = [run_points(p, label, args.metric) for p, label in zip(args.runs, args.label)]
-    parts += [front_points(spec) for spec in args.fronts]
+    try:
+        parts = [run_points(p, label, args.metric) for p, label in zip(args.runs, args.label)]
+        parts += [front_points(spec) for spec in args.fronts]
+    except FileNotFoundError as missing:
+        parser.error(str(missing))
     table = pd.concat([p for p in parts if not p.empty], ignore_index=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     table.to_csv(out / "table.csv", index=False)
     markdown = table.drop(columns="run").to_markdown(index=False, floatfmt=".4f")
     if args.budgets:
-        budgets = best_within(table, [float(b) for b in args.budgets.split(",")], args.mode)
+        budgets = best_within(table, args.budgets, args.mode)
         budgets.to_csv(out / "budgets.csv", index=False)
         summary = budgets.to_markdown(index=False, floatfmt=".4f")
         markdown = f"## Best {args.metric} within relative-FLOPs budgets\n\n{summary}\n\n## Every point\n\n{markdown}"

@@ -14,12 +14,13 @@ last.ckpt); any other run is refused. DDP ranks other than 0 claim nothing and w
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,3 +218,19 @@ def nothing_left_if_refused(run_dir: Path, stop: Path) -> Iterator[None]:
             folder.rmdir()
             folder = folder.parent
         raise
+
+
+def fractions(option: str) -> Callable[[str], list[float]]:
+    """An argparse type: comma-separated relative-FLOPs levels, each in (0, 1]; a bad value is
+    reported naming `option`."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(item) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option}={text}: give comma-separated numbers in (0, 1]") from None
+        if any(not 0 < value <= 1 for value in values):
+            raise argparse.ArgumentTypeError(f"{option}={text}: each level must be in (0, 1]")
+        return values
+
+    return parse

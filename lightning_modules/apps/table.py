@@ -39,6 +39,7 @@ import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.apps.runs import GROUP_ENV
+from tokenprune.apps.settings import fractions
 from tokenprune.search.pareto import plot_pareto
 
 RUN_NAME = re.compile(r"^(?P<method>.+)-s(?P<seed>\d+)$")
@@ -390,14 +391,14 @@ def build(root: Path, levels: list[float], out: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the sweep's output folder (TOKENPRUNE_OUTPUTS of sweeps/methods_table.sh)")
-    parser.add_argument("--levels", default="0.3,0.4,0.5,0.6,0.7", help="relative-FLOPs levels")
+    parser.add_argument(
+        "--levels", default=[0.3, 0.4, 0.5, 0.6, 0.7], type=fractions("--levels"), help="relative-FLOPs levels"
+    )
     parser.add_argument("--out", default=None, help="default: <root>/table")
     parser.add_argument("--wandb", action="store_true", help="log table and plot to W&B (offline unless WANDB_MODE)")
     parser.add_argument("--page", default=None, help="also write the results page here (e.g. docs/results/<task>.md)")
     args = parser.parse_args()
-    levels = [float(level) for level in args.levels.split(",")]
-    if not levels or any(not 0 < level <= 1 for level in levels):
-        parser.error(f"--levels={args.levels}: each level must be in (0, 1]")
+    levels = args.levels
     root = Path(args.root)
     out = Path(args.out) if args.out else root / "table"
     built = build(root, levels, out)
