@@ -9,7 +9,9 @@
 #   ITERATIONS=30 MUTATIONS=30 CROSSOVERS=30 bash sweeps/length_adaptive.sh   # the paper's search size
 #   LENGTH_DROP=0.2 LAYER_DROP=0.2 NUM_SANDWICH=2 bash sweeps/length_adaptive.sh   # the paper's training
 #
-# Killing the search and rerunning its command resumes it from its cache.
+# A killed search resumes from its cache when its tokenprune-search command is rerun with
+# TOKENPRUNE_OUTPUTS=<this sweep's folder> (the cache lives there); the script itself always starts
+# a new folder (sweeps/methods_table.sh is the one whose rerun does only what is missing).
 set -euo pipefail
 {  # read whole before anything runs: editing this file cannot change a sweep that is running it
 LENGTH_DROP=${LENGTH_DROP:-0.35}
