@@ -69,10 +69,10 @@ else
 fi
 want() { [[ ,$METHODS, == *,$1,* ]]; }
 searched() { ls "$root"/search/"$1"/*/front.csv > /dev/null 2>&1; }
-# last checkpoint of the run named $1 (a reused run's results point to the original)
+# last checkpoint of the newest run named $1: this invocation's (a reused run's results point to the original)
 trained() {
   python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["last_checkpoint"])' \
-    "$(grep -l "\"run_name\": \"$1\"" "$root"/multirun/*/*/results.json | head -n 1)"
+    "$(grep -l "\"run_name\": \"$1\"" "$root"/multirun/*/*/results.json | tail -n 1)"
 }
 benches() {
   tokenprune-table "$root" --levels "$LEVELS"
@@ -85,7 +85,14 @@ mkdir -p "$root/start"
 for seed in $seeds; do
   # 1. fine-tuned start; start/s<seed>.ckpt links to it
   tokenprune-train -m run_name="unpruned-s$seed" seed="$seed" trainer.max_epochs="$FINETUNE_EPOCHS" $common
-  ln -sfn "$(realpath "$(trained "unpruned-s$seed")")" "$root/start/s$seed.ckpt"
+  start_checkpoint=$(realpath "$(trained "unpruned-s$seed")")
+  if [[ -L $root/start/s$seed.ckpt && $(realpath "$root/start/s$seed.ckpt") != "$start_checkpoint" ]]; then
+    echo "start/s$seed.ckpt links to $(realpath "$root/start/s$seed.ckpt"), not to this rerun's fine-tune" \
+      "$start_checkpoint (FINETUNE_EPOCHS or EXTRA changed?): the methods trained from the old start would be reused;" \
+      "use a new TOKENPRUNE_OUTPUTS" >&2
+    exit 2
+  fi
+  ln -sfn "$start_checkpoint" "$root/start/s$seed.ckpt"
   start="module.init_from=$root/start/s$seed.ckpt"
 
   # 2. LTP and the retrained top-k baseline, at the same training budget after fine-tuning

@@ -5,6 +5,7 @@ The W&B checks read the offline run files back (tests/wandb_files.py)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,30 @@ def test_a_search_sweep_of_perplexity_keeps_the_lowest_scores(tmp_path):
     (job / ".hydra" / "config.yaml").write_text("checkpoint: lm.ckpt\nrun_name: acc_offline\n")
     (job / "summary.json").write_text('{"main_metric": "perplexity", "main_mode": "min"}')
     assert sweep_mode(tmp_path) == "min"
+
+
+def test_methods_table_refuses_a_rerun_whose_fine_tuned_start_changed(tmp_path):
+    """start/s<seed>.ckpt keys every method's runs (module.init_from): a rerun into the same folder
+    whose fine-tune is another checkpoint (FINETUNE_EPOCHS changed) must stop, not reuse them.
+    The apps are stubbed: this checks the script's own bookkeeping."""
+    bin_dir, root = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    for app in ("tokenprune-train", "tokenprune-search", "tokenprune-table", "tokenprune-bench"):
+        (bin_dir / app).write_text("#!/bin/bash\nexit 0\n")
+        (bin_dir / app).chmod(0o755)
+    old, new = tmp_path / "old.ckpt", tmp_path / "new.ckpt"
+    old.touch()
+    new.touch()
+    for folder, checkpoint in (("t1", old), ("t2", new)):  # the first fine-tune, then the rerun's own
+        job = root / "multirun" / folder / "0-unpruned-s1"
+        job.mkdir(parents=True)
+        (job / "results.json").write_text(json.dumps({"run_name": "unpruned-s1", "last_checkpoint": str(checkpoint)}))
+    (root / "start").mkdir()
+    (root / "start" / "s1.ckpt").symlink_to(old)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TOKENPRUNE_OUTPUTS": str(root)}
+    script = Path(__file__).parents[1] / "sweeps" / "methods_table.sh"
+    done = subprocess.run(
+        ["bash", str(script)], env={**env, "SEEDS": "1", "METHODS": "ltp"}, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and f"not to this rerun's fine-tune {new}" in done.stderr, done.stderr
+    assert (root / "start" / "s1.ckpt").resolve() == old, "the link is left as it was"
