@@ -97,9 +97,9 @@ def bench_batches(
     module: TokenPruningModule, texts: list[str], batch_size: int, length: int | str
 ) -> list[dict[str, Tensor]]:
     """One packed real-text batch of `length` tokens per row, or (length == "report") the module's
-    task report split at its real lengths, length-sorted and padded per batch as evaluation does."""
+    task report split at its real lengths, length-sorted and padded per batch as evaluation does
+    (`length` already passed check_length, before the first cell)."""
     backbone = module.hparams["backbone"]
-    check_length(module, length)
     if length == REPORT_SPLIT:
         loader = datamodule_for(module, batch_size).test_dataloader()
         return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]

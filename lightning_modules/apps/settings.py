@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tokenprune.apps.cluster import job_identity, process_rank
+from tokenprune.checks import check_range
 from tokenprune.config import plain
 from tokenprune.engine.kernels import CPU_LINEAR_KERNELS
 
@@ -68,9 +69,8 @@ class Rule:
         if isinstance(value, bool) or not isinstance(value, numeric):
             kind = "an integer" if self.kind is int else "a number"
             raise TypeError(f"{name}={value!r} must be {kind}{self._interval()}")
-        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        if below or (self.high is not None and value > self.high):
-            raise ValueError(f"{name}={value!r} is outside the allowed range{self._interval()}")
+        low = -math.inf if self.low is None else self.low
+        check_range(name, value, low, math.inf if self.high is None else self.high, low_open=self.low_open)
 
     def _interval(self) -> str:
         if self.low is None and self.high is None:

@@ -69,7 +69,7 @@ def resolve_checkpoint(cfg: DictConfig) -> str | None:
     candidates = [
         last
         for last in Path(cfg.paths.root).glob("**/checkpoints/last.ckpt")
-        if run_dir not in last.parents and saved_run_name(last.parent.parent) == cfg.run_name
+        if run_dir not in last.parents and saved_settings(last.parent.parent).get("run_name") == cfg.run_name
     ]
     if not candidates:
         raise FileNotFoundError(
@@ -78,10 +78,11 @@ def resolve_checkpoint(cfg: DictConfig) -> str | None:
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
-def saved_run_name(run_dir: Path) -> str | None:
-    """The run_name in a run folder's saved settings (None: no saved settings)."""
+def saved_settings(run_dir: Path) -> DictConfig:
+    """A run folder's resolved settings as claimed_run_dir saved them (empty: none saved)."""
     saved = run_dir / ".hydra" / "config.yaml"
-    return OmegaConf.select(OmegaConf.load(saved), "run_name") if saved.is_file() else None
+    settings = OmegaConf.load(saved) if saved.is_file() else None
+    return settings if isinstance(settings, DictConfig) else OmegaConf.create()
 
 
 # Settings that may differ between a run and its resume without changing the model, data or
@@ -160,11 +161,10 @@ def interrupted_checkpoint(cfg: DictConfig) -> str | None:
     candidates = []
     for last in Path(cfg.paths.root).glob("**/checkpoints/last.ckpt"):
         run_dir = last.parent.parent
-        saved = run_dir / ".hydra" / "config.yaml"  # the run's resolved settings (claimed_run_dir)
-        if run_dir == own or (run_dir / "results.json").exists() or not saved.is_file():
+        if run_dir == own or (run_dir / "results.json").exists():
             continue
-        settings = OmegaConf.load(saved)
-        if isinstance(settings, DictConfig) and config_key(settings) == key:
+        settings = saved_settings(run_dir)
+        if settings and config_key(settings) == key:
             candidates.append(last)
     return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
