@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import random_batch, tiny_gpt2, tiny_t5
 from test_flops import measured_encoder_flops
+from torch import Tensor
 from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
 
 from tokenprune.backbones import load_backbone
-from tokenprune.engine import PrunableEncoder, TokenState, attention, seq2seq_logits
+from tokenprune.engine import EncoderOutput, PrunableEncoder, T5EncoderAdapter, TokenState, attention
 from tokenprune.engine.flops import EncoderDims, encoder_macs
+from tokenprune.engine.pruner import TokenPruner
 from tokenprune.engine.scoring import keep_top, score_vector
 from tokenprune.pruners.ltp import LTPPruner
 from tokenprune.pruners.static import RandomPruner, TopKPruner
@@ -179,6 +181,20 @@ def test_chunked_causal_attention_equals_whole_batch(monkeypatch):
 
 
 # --- T5 encoder -----------------------------------------------------------------------------
+
+
+def seq2seq_logits(
+    adapter: T5EncoderAdapter,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    decoder_input_ids: Tensor,
+    pruner: TokenPruner | None = None,
+) -> tuple[Tensor, EncoderOutput]:
+    """Encoder-decoder logits with elimination in the encoder only (ACC on Flan-T5): the engine
+    encodes (and eliminates), the HF decoder cross-attends to the kept encoder tokens."""
+    encoded = PrunableEncoder(adapter)(input_ids, attention_mask, pruner=pruner)
+    logits = adapter.decoder_logits(encoded.hidden, encoded.mask, decoder_input_ids)
+    return logits, encoded
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

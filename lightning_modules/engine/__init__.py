@@ -10,7 +10,7 @@ from tokenprune.engine.adapters import (
     Projection,
     T5EncoderAdapter,
 )
-from tokenprune.engine.encoder import PrunableEncoder, seq2seq_logits
+from tokenprune.engine.encoder import PrunableEncoder
 from tokenprune.engine.state import EncoderOutput, LayerTrace, TokenState
 
 __all__ = [
@@ -26,5 +26,4 @@ __all__ = [
     "Projection",
     "T5EncoderAdapter",
     "TokenState",
-    "seq2seq_logits",
 ]

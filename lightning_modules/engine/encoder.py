@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenprune.engine.adapters import EncoderAdapter, LayerParts, Projection, T5EncoderAdapter
+from tokenprune.engine.adapters import EncoderAdapter, LayerParts, Projection
 from tokenprune.engine.attention import attention_with_scores, chunked_attention_applies, softmax_attention
 from tokenprune.engine.heads import HeadSlicer
 from tokenprune.engine.kernels import PassKernels, pass_kernels
@@ -335,18 +335,3 @@ class PrunableEncoder:
         projected = _out_project(parts.out_proj, merged, heads, self.head_slicer, kernels)
         with kernels.modules():
             return parts.feed_forward(parts.add_and_norm(projected, residual), layer_input)
-
-
-def seq2seq_logits(
-    adapter: T5EncoderAdapter,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    decoder_input_ids: Tensor,
-    pruner: TokenPruner | None = None,
-    decoder_attention_mask: Tensor | None = None,
-) -> tuple[Tensor, EncoderOutput]:
-    """Encoder-decoder logits with elimination in the encoder only (ACC on Flan-T5): the engine
-    encodes (and eliminates), the HF decoder cross-attends to the kept encoder tokens."""
-    encoded = PrunableEncoder(adapter)(input_ids, attention_mask, pruner=pruner)
-    logits = adapter.decoder_logits(encoded.hidden, encoded.mask, decoder_input_ids, decoder_attention_mask)
-    return logits, encoded
