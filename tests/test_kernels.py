@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_batch, tiny_model
+from test_causal_lm import acc_module, lm_batch
 from torch.profiler import ProfilerActivity, profile
+from transformers import DynamicCache
 
 from tokenprune.engine import PrunableEncoder
 from tokenprune.engine.kernels import (
@@ -141,6 +143,26 @@ def test_stock_reference_runs_the_same_kernel_and_is_restored(kernel):
     assert ops == {"mkldnn::_linear_pointwise"} and after == {"aten::addmm"}
     assert not any("forward" in vars(module) for module in model.modules())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@torch.inference_mode()
+def test_gpt2_reference_and_engine_run_every_linear_map_on_the_same_kernel(kernel, tmp_path, monkeypatch):
+    """GPT-2's Conv1D layers (addmm) and its LM head: the stock reference and the engine pass both
+    compute every linear map on oneDNN, and the reference builds no KV cache (engine passes keep
+    none), with the plain HF model's logits."""
+    kernel("onednn")
+    module, batch = acc_module(tmp_path, restore=True), lm_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    expected = module.model(**inputs).logits  # plain HF: Conv1D addmm, the head on F.linear
+    caches = []
+    monkeypatch.setattr(DynamicCache, "__init__", lambda self, *a, **k: caches.append(1) or None)
+    assert linear_ops(lambda: module.stock_logits(batch)) == {"mkldnn::_linear_pointwise"}
+    assert linear_ops(lambda: module(batch)) == {"mkldnn::_linear_pointwise"}
+    assert not caches
+    torch.testing.assert_close(module.stock_logits(batch), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module(batch)[0], expected, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in vars(layer) for layer in module.model.modules())
 
 
 def test_unknown_kernel_is_refused_naming_the_setting(kernel):

@@ -6,7 +6,8 @@ and measured 15-30% faster on this project's 2-core AMD EPYC machine for the eng
 most at the few rows per batch of late pruned layers, and 1.7x faster on another machine of the
 same kind (README "Measured"; MKL is known to pick slower code paths on non-Intel CPUs). With
 `cpu_linear=onednn` (the default where PyTorch has oneDNN) every fp32 linear of a CPU inference
-pass's layers (the engine's projections and the HF modules a layer calls) runs on oneDNN;
+pass's layers (the engine's projections and the HF modules a layer calls, GPT-2's Conv1D
+included) and of the LM head runs on oneDNN;
 training (autograd), autocast and GPUs keep `F.linear`. `aten` keeps `F.linear` everywhere.
 
 oneDNN computes from weights in its own blocked layout. Given a plain weight it reorders it on
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from transformers.pytorch_utils import Conv1D
 
 from tokenprune.checks import check_choice
 
@@ -97,8 +99,9 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class _OneDnnLinear(TorchFunctionMode):
-    """F.linear -> oneDNN's inner product for fp32 CPU tensors; every other call unchanged. A mode
-    sees every torch call made under it, so it is entered only around the HF modules a layer calls."""
+    """F.linear, and the `torch.addmm(bias, x, weight)` of GPT-2's Conv1D layers, -> oneDNN's inner
+    product for fp32 CPU tensors; every other call unchanged. A mode sees every torch call made
+    under it, so it is entered only around the HF modules a layer calls."""
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
@@ -110,6 +113,10 @@ class _OneDnnLinear(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if _onednn_serves(x, weight, bias):
                 return _onednn_linear(x, weight, bias)
+        elif func is torch.addmm and len(args) == 3 and not kwargs:  # bias + x @ weight, beta = alpha = 1
+            bias, x, weight = args
+            if bias.dim() == 1 and _onednn_serves(x, weight.T, bias):
+                return _onednn_linear(x, weight.T, bias)
         return func(*args, **kwargs)
 
 
@@ -144,19 +151,24 @@ def _layer_on(kernels: PassKernels, layer: nn.Linear, x: Tensor) -> Tensor:
     return kernels.linear(x, layer.weight, layer.bias)
 
 
+def _conv1d_linear(kernels: PassKernels, layer: Conv1D, x: Tensor) -> Tensor:
+    """GPT-2's Conv1D (weight stored (in, out), computed with addmm) as the linear map it is."""
+    return kernels.linear(x, layer.weight.T, layer.bias)
+
+
 @contextlib.contextmanager
 def stock_linears(model: nn.Module, kernels: PassKernels) -> Iterator[None]:
-    """Inside, the nn.Linear layers of `model` compute with `kernels.linear` (the throughput
-    reference: a stock HF model with the engine's GEMM kernel; GPT-2's Conv1D layers keep addmm).
-    Each layer's forward is swapped for the duration rather than a TorchFunctionMode entered, whose
-    interception of every torch call (1-4% of a stock pass, measured) would slow the reference and
-    flatter the engine."""
+    """Inside, the nn.Linear and GPT-2 Conv1D layers of `model` compute with `kernels.linear` (the
+    throughput reference: a stock HF model with the engine's GEMM kernel). Each layer's forward is
+    swapped for the duration rather than a TorchFunctionMode entered, whose interception of every
+    torch call (1-4% of a stock pass, measured) would slow the reference and flatter the engine."""
     if not kernels.onednn:
         yield
         return
-    layers = [module for module in model.modules() if type(module) is nn.Linear]
+    swaps = {nn.Linear: _layer_on, Conv1D: _conv1d_linear}
+    layers = [module for module in model.modules() if type(module) in swaps]
     for layer in layers:
-        layer.forward = functools.partial(_layer_on, kernels, layer)  # type: ignore[method-assign]
+        layer.forward = functools.partial(swaps[type(layer)], kernels, layer)  # type: ignore[method-assign]
     try:
         yield
     finally:

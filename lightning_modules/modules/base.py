@@ -182,12 +182,11 @@ class TokenPruningModule(L.LightningModule):
             restore=self.token_level or (self.causal_lm and self.hparams["lm_restore"]),
             **engine,
         )
-        if self.lm_logits is not None:
-            return self.lm_logits(out.hidden), out
-        if self.decoder_logits is not None:
+        if self.decoder_logits is not None:  # the decoder runs the same way in stock_logits
             return self.rank_answers(out.hidden, out.mask), out
-        head = self.adapter.token_logits if self.token_level else self.adapter.classify
-        return head(out.hidden), out
+        head = self.lm_logits or (self.adapter.token_logits if self.token_level else self.adapter.classify)
+        with pass_kernels(out.hidden.device).modules():  # the kernel stock_logits gives the stock head
+            return head(out.hidden), out
 
     def rank_answers(self, hidden: Tensor, mask: Tensor, decode: Callable[..., Tensor] | None = None) -> Tensor:
         """Rank classification: (B, C) summed log-likelihoods of each answer's tokens under the
@@ -214,8 +213,9 @@ class TokenPruningModule(L.LightningModule):
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         kernels = pass_kernels(inputs["input_ids"].device)
         if self.decoder_logits is None:
+            cache = {"use_cache": False} if self.causal_lm else {}  # engine passes build no KV cache either
             with stock_linears(self.model, kernels):
-                return self.model(**inputs).logits
+                return self.model(**inputs, **cache).logits
         mask = inputs["attention_mask"]
         with stock_linears(self.model.encoder, kernels):  # the decoder runs as in engine passes
             states = self.model.encoder(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
