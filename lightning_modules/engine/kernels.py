@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,10 +165,13 @@ def stock_linears(model: nn.Module, kernels: PassKernels) -> Iterator[None]:
     if not kernels.onednn:
         yield
         return
-    swaps = {nn.Linear: _layer_on, Conv1D: _conv1d_linear}
+    swaps: dict[type[nn.Module], Callable[[PassKernels, Any, Tensor], Tensor]] = {
+        nn.Linear: _layer_on,
+        Conv1D: _conv1d_linear,
+    }
     layers = [module for module in model.modules() if type(module) in swaps]
     for layer in layers:
-        layer.forward = functools.partial(swaps[type(layer)], kernels, layer)  # type: ignore[method-assign]
+        layer.forward = functools.partial(swaps[type(layer)], kernels, layer)
     try:
         yield
     finally:
