@@ -191,10 +191,12 @@ def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
     backward, optimizer step): e.g. LTP's soft stage vs plain fine-tuning (module=ltp).
 
     Each stage is its own module instance built from `cfg.module` with `stage=<stage>`, with its
-    own optimizer; the stages' steps alternate batch by batch so machine noise hits all alike."""
+    own optimizer; the stages' steps alternate batch by batch so machine noise hits all alike. On
+    `device`, forward passes under `precision`'s autocast as training would run them."""
     check_settings(cfg, BENCH)
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
     stages = list(cfg.train_stages)
     if "stage" not in cfg.module:
         raise ValueError(
@@ -202,18 +204,22 @@ def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
             f"module={cfg.module._target_.rsplit('.', 1)[-1]} has no module.stage"
         )
     with plain_errors():
-        modules = {stage: instantiate(cfg.module, stage=stage).train() for stage in stages}
+        modules = {stage: instantiate(cfg.module, stage=stage).to(device).train() for stage in stages}
         data = instantiate(cfg.data)
     with claimed_run_dir(Path(cfg.paths.output_dir), cfg, BENCH_OUTPUTS, "bench"):
         data.setup()
-        batches = [b for _, b in zip(range(cfg.train_batches), data.train_dataloader())]
+        batches = [
+            {key: value.to(device) for key, value in batch.items()}
+            for _, batch in zip(range(cfg.train_batches), data.train_dataloader())
+        ]
         optimizers = {
             stage: instantiate(module.hparams["optimizer"])(module.parameter_groups())
             for stage, module in modules.items()
         }
 
         def step(stage: str, batch: dict) -> None:
-            loss = modules[stage].training_step(batch, 0)
+            with autocast(device, str(cfg.precision)):
+                loss = modules[stage].training_step(batch, 0)
             loss.backward()
             optimizers[stage].step()
             optimizers[stage].zero_grad(set_to_none=True)
@@ -225,7 +231,7 @@ def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
                 timings = measure(
                     {stage: (lambda s=stage: step(s, batch)) for stage in stages},
                     1,
-                    torch.device("cpu"),
+                    device,
                     warmup=1 if index == 0 else 0,
                     repeats=cfg.repeats,
                     grad=True,
@@ -241,6 +247,7 @@ def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
                 )
         table = pd.DataFrame(rows).groupby("stage", sort=False)["step_s"].sum().reset_index()
         table["relative_to_first"] = table.step_s / table.step_s.iloc[0]
+        table["device"], table["precision"] = device_name(device), str(cfg.precision)
         return table
 
 
@@ -290,7 +297,8 @@ def measure_and_write(cfg: DictConfig) -> None:
     """Run the benchmark `cfg.mode` asks for, print its table and write the outputs."""
     if cfg.mode == "train":
         table = run_training_bench(cfg)
-        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        print(f"device: {table.device.iloc[0]}, precision {cfg.precision}")
+        print(table[["stage", "step_s", "relative_to_first"]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     else:
         table = run_bench(cfg)
         columns = [

@@ -19,9 +19,9 @@ class BucketShuffleSampler(Sampler[int]):
 
     The order depends only on (seed, epoch); Lightning calls `set_epoch` on a batch sampler's
     `sampler` before each epoch, so a resumed run sees exactly the batches of the uninterrupted
-    one. Under DDP each rank takes every world_size-th batch, equal counts per rank (set
-    `use_distributed_sampler: false`, as conf/trainer/ddp.yaml does), unless `shard` is false
-    (a pass over the whole split in one process).
+    one. Under DDP each rank takes every world_size-th batch, equal counts per rank (the trainer
+    presets set `use_distributed_sampler: false`), unless `shard` is false (a pass over the whole
+    split in one process); a split with fewer batches than ranks is refused.
     """
 
     def __init__(
@@ -50,7 +50,13 @@ class BucketShuffleSampler(Sampler[int]):
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + short
         if self.shard and dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
-            usable = max(len(batches) // world, 1) * world
+            usable = len(batches) // world * world
+            if usable == 0:
+                raise ValueError(
+                    f"the training split has {len(batches)} batch(es) of data.batch_size={self.batch_size} for "
+                    f"{world} DDP processes (trainer.devices x trainer.num_nodes): every process needs one; "
+                    "lower data.batch_size or the number of devices"
+                )
             batches = batches[:usable][dist.get_rank() :: world]
         return batches
 
