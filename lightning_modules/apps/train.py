@@ -47,7 +47,7 @@ from tokenprune.apps.settings import (
 from tokenprune.backbones import assert_same_backbone, load_config
 from tokenprune.checkpoints import read_checkpoint
 from tokenprune.config import plain, plain_errors
-from tokenprune.data.sources import check_local_files
+from tokenprune.data.sources import check_source
 from tokenprune.engine.adapters import usable_positions
 from tokenprune.modules.base import check_task_backbone
 from tokenprune.modules.callbacks import CheckpointRecord, ProgressLog, RunSettings, StepSeed
@@ -104,8 +104,13 @@ COMPARED = ("seed", "backbone", "task", "pruner", "module", "data", "trainer", "
 def validate(cfg: DictConfig) -> None:
     """Fail on bad settings before any data or weights are loaded or any training starts."""
     check_settings(cfg, TRAINER)
+    if cfg.trainer.get("use_distributed_sampler", False):
+        raise ValueError(
+            "trainer.use_distributed_sampler=true is not allowed: the training DataModule shards its "
+            "length-bucketed batches across DDP ranks itself (allowed: false)"
+        )
     check_task_backbone(plain(cfg.task), plain(cfg.backbone))
-    check_local_files(plain(cfg.task.source))
+    check_source(plain(cfg.task.source), plain(cfg.task))
     config = load_config(cfg.backbone, int(cfg.task.num_labels))
     limit = usable_positions(config)
     if not 1 < cfg.task.max_length <= limit:
@@ -254,6 +259,7 @@ def train(
             default_root_dir=run_dir,
             plugins=trainer_plugins(),
             enable_progress_bar=bool(cfg.trainer.enable_progress_bar) and terminal,
+            use_distributed_sampler=False,  # the DataModule shards its bucketed batches itself, on any preset
         )
 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -130,12 +130,23 @@ class TaskDataModule(L.LightningDataModule):
         missing = [name for name in SPLITS if name not in raw]
         if missing:
             raise ValueError(f"task source returned splits {list(raw)}; missing {missing}")
+        self._check_columns(raw["train"])
         if self.kind == "causal_lm":
             self.splits = DatasetDict({name: self._pack(raw[name], name) for name in SPLITS})
             return
         for name in SPLITS:
             self._check_labels(raw[name], name)
         self.splits = DatasetDict({name: self._tokenize(raw[name], name) for name in SPLITS})
+
+    def _check_columns(self, split: Dataset) -> None:
+        """The task's text columns (and label column, but for causal LM) are the source's."""
+        needed = {f"task.text_columns={list(self.text_columns)}": list(self.text_columns)}
+        if self.kind != "causal_lm":
+            needed[f"task.label_column={self.label_column}"] = [self.label_column]
+        for setting, columns in needed.items():
+            missing = [column for column in columns if column not in split.column_names]
+            if missing:
+                raise ValueError(f"{setting}: the task source has no column {missing}; it has {split.column_names}")
 
     def _check_labels(self, split: Dataset, name: str) -> None:
         """Classification labels must lie in [0, task.num_labels) (token tasks: -100 marks ignored words)."""
@@ -179,9 +190,10 @@ class TaskDataModule(L.LightningDataModule):
         """Causal-LM blocks (the GPT-2 recipe: stride = block length): every text tokenized
         without special tokens and followed by the tokenizer's end-of-text token (eos, else sep),
         all concatenated in split order and cut into blocks of `max_length` tokens; the short tail
-        is dropped, so no block has padding. labels = input_ids."""
+        is dropped, so no block has padding. labels = input_ids. Empty and blank texts (a third of
+        WikiText's lines) are skipped: they would fill the stream with end-of-text runs."""
         separator = end_of_text_id(self.tokenizer, "each text of a task.kind=causal_lm task")
-        texts = [text or "" for text in split[self.text_columns[0]]]
+        texts = [text for text in split[self.text_columns[0]] if text and not text.isspace()]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         stream = np.fromiter((t for ids in encoded for t in (*ids, separator)), dtype=np.int64)
         blocks = len(stream) // self.max_length

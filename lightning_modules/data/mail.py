@@ -2,7 +2,10 @@
 
 Used by the SpamAssassin long-document task. Headers other than the subject are dropped (they
 identify the mail server and would let a classifier skip the text); a body with no text/plain part
-falls back to its HTML parts with the markup removed by the standard library's HTML parser.
+falls back to its HTML parts with the markup removed by the standard library's HTML parser. The
+text inside <style> and <script> elements (CSS, JavaScript) is kept unless `drop_style_script`:
+132 of SpamAssassin's 6,046 e-mails have some (17% of their text), and the spam_assassin tables
+were built with it kept (task.source.drop_style_script, default false).
 """
 
 from __future__ import annotations
@@ -15,14 +18,27 @@ from html.parser import HTMLParser
 
 
 class _HtmlText(HTMLParser):
-    """Collects the character data of an HTML document (tags, scripts' markup and attributes dropped)."""
+    """Collects the character data of an HTML document (tags and attributes dropped; with
+    `drop_style_script` also the contents of <style> and <script> elements)."""
 
-    def __init__(self) -> None:
+    UNREAD = ("style", "script")
+
+    def __init__(self, drop_style_script: bool) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
+        self.drop_style_script = drop_style_script
+        self.unread_depth = 0  # open <style>/<script> elements
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.unread_depth += tag in self.UNREAD
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.UNREAD:
+            self.unread_depth = max(self.unread_depth - 1, 0)
 
     def handle_data(self, data: str) -> None:
-        self.parts.append(data)
+        if not (self.drop_style_script and self.unread_depth):
+            self.parts.append(data)
 
 
 def _decoded(payload: bytes, charset: str | None) -> str:
@@ -41,7 +57,7 @@ def _subject(message: Message) -> str:
     )
 
 
-def mail_text(raw: bytes) -> str:
+def mail_text(raw: bytes, drop_style_script: bool = False) -> str:
     """Subject + body of one e-mail as a single whitespace-normalised string."""
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
     plain: list[str] = []
@@ -55,7 +71,7 @@ def mail_text(raw: bytes) -> str:
     if plain:
         body = "\n".join(plain)
     else:
-        parser = _HtmlText()
+        parser = _HtmlText(drop_style_script)
         parser.feed("\n".join(markup))
         body = "".join(parser.parts)
     return " ".join(f"{_subject(message)}\n{body}".split())

@@ -19,8 +19,8 @@ class BucketShuffleSampler(Sampler[int]):
 
     The order depends only on (seed, epoch); Lightning calls `set_epoch` on a batch sampler's
     `sampler` before each epoch, so a resumed run sees exactly the batches of the uninterrupted
-    one. Under DDP each rank takes every world_size-th batch, equal counts per rank (the trainer
-    presets set `use_distributed_sampler: false`), unless `shard` is false (a pass over the whole
+    one. Under DDP each rank takes every world_size-th batch, equal counts per rank (training sets
+    the Trainer's `use_distributed_sampler=False`), unless `shard` is false (a pass over the whole
     split in one process); a split with fewer batches than ranks is refused.
     """
 

