@@ -8,11 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import tokenprune.apps.search as search_app
+import tokenprune.search.latency as latency
+from tokenprune.engine.flops import EncoderDims, layer_macs
+from tokenprune.modules.loading import load_module
+from tokenprune.search.evaluate import datamodule_for
 
 # Small and fast: tiny random-weight backbone on the offline default task, few batches.
 FAST = [
@@ -63,3 +68,61 @@ def record_search_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def searched(scored: list[str]) -> list[str]:
     """The val-split entries of `record_search_evaluations`'s list."""
     return [desc for desc in scored if desc.startswith("val ")]
+
+
+def report_lengths(run: dict) -> list[int]:
+    """Real lengths of the report-split examples a finished tokenprune-train run reported on:
+    its first trainer.limit_test_batches batches of data.eval_batch_size (the split is sorted
+    longest first), tokenized as its checkpoint's task and tokenizer say."""
+    settings = OmegaConf.load(Path(run["run_dir"]) / ".hydra" / "config.yaml")
+    data = datamodule_for(load_module(run["last_checkpoint"]), int(settings.data.eval_batch_size))
+    return data.lengths["report"][: int(settings.trainer.limit_test_batches) * int(settings.data.eval_batch_size)]
+
+
+def topk_flops_ratio(dims: EncoderDims, lengths: list[int], keep_ratio: float, start_layer: int) -> float:
+    """Relative FLOPs of top-k at a constant `keep_ratio` from `start_layer` on over inputs of
+    `lengths` real tokens, from the pruner's rule (keep ceil(keep_ratio * n)) and the counter's
+    per-layer formula (engine/flops.py), not from an engine trace: earlier layers run whole; layer
+    start_layer computes every token's attention, scores it and keeps k; later layers run on k."""
+    n = torch.tensor(lengths, dtype=torch.float64)
+    assert (n >= 2).all(), "every example loses tokens (a batch of 1-token rows would not score)"
+    k = torch.ceil(n * keep_ratio)
+    heads = dims.num_heads
+    total = torch.zeros_like(n)
+    for layer in range(dims.num_layers):
+        if layer < start_layer:
+            total += layer_macs(dims, n, n, n, heads)
+        elif layer == start_layer:
+            total += layer_macs(dims, n, n, k, heads, scored=True)
+        else:
+            total += layer_macs(dims, k, k, k, heads)
+    return float(total.sum() / (dims.num_layers * layer_macs(dims, n, n, n, heads)).sum())
+
+
+def record_speedup_timings(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, dict[str, float]]]:
+    """Make the searches' speedup measurements (search/latency.measured_speedups) append the
+    timings they measured (variant -> median_s, ...) to the returned list, one entry per call."""
+    timed: list[dict[str, dict[str, float]]] = []
+    real = latency.measure_batches
+
+    def recording(*args, **kwargs):
+        timed.append(real(*args, **kwargs))
+        return timed[-1]
+
+    monkeypatch.setattr(latency, "measure_batches", recording)
+    return timed
+
+
+@torch.inference_mode()
+def stock_report_accuracy(checkpoint: str | Path, batches: int | None = None, batch_size: int = 128) -> float:
+    """Accuracy of the stock HF model in `checkpoint` (no engine, no pruning) on the report split
+    in batches of `batch_size` as evaluation serves it, the first `batches` of them (None: all)."""
+    module = load_module(checkpoint).eval()
+    correct = total = 0
+    for index, batch in enumerate(datamodule_for(module, batch_size).test_dataloader()):
+        if index == batches:
+            break
+        labels = batch.pop("labels")
+        correct += int((module.model(**batch).logits.argmax(dim=-1) == labels).sum())
+        total += len(labels)
+    return correct / total

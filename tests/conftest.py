@@ -98,3 +98,13 @@ def random_batch(batch: int = 4, length: int = 24, seed: int = 1) -> tuple[torch
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """The apps set torch's thread count for the whole process (tokenprune-bench and -search
+    their `threads`, -train when `threads` is set) and leave it so: each test ends with the
+    count it started with, so that no test passes or fails on another's setting."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from apps import FAST, compose_app
+from apps import FAST, compose_app, record_speedup_timings
 from conftest import random_batch, tiny_model
 
 from tokenprune.apps.search import run_search
@@ -156,7 +156,7 @@ def test_a_model_trained_with_a_named_profile_reloads_without_the_file(tmp_path,
     assert module.pruner.profile == json.loads(Path(f"{finetuned}.acc-profile.json").read_text())["profile"]
 
 
-def test_offline_tuning_and_ablation_without_training(tmp_path, acc_run):
+def test_offline_tuning_and_ablation_without_training(tmp_path, acc_run, monkeypatch):
     overrides = [
         "logger=csv",
         f"checkpoint={acc_run['last_checkpoint']}",
@@ -166,12 +166,18 @@ def test_offline_tuning_and_ablation_without_training(tmp_path, acc_run):
         "measure.repeats=1",
         "measure.warmup=0",
     ]
+    timed = record_speedup_timings(monkeypatch)
     run_search(compose_app("search", overrides, tmp_path / "offline"))
     table = pd.read_csv(tmp_path / "offline" / "offline_tuning.csv")
     assert len(table) == 9 and set(table.order) == {"sv", "random", "none"}
     sv = table[table.order == "sv"].sort_values("speedup_coefficient")
     assert sv.report_flops_ratio.is_monotonic_increasing and sv.expected_speedup.is_monotonic_decreasing
-    assert (table.measured_speedup > 0).all() and (tmp_path / "offline" / "offline_tuning.png").is_file()
+    (timings,) = timed  # the 9 configurations timed together, interleaved with the stock model
+    assert list(timings) == ["hf_sdpa", *(f"config_{index}" for index in range(9))]
+    stock = timings["hf_sdpa"]["median_s"]
+    expected = [stock / timings[f"config_{index}"]["median_s"] for index in range(9)]  # the table's row order
+    assert table.measured_speedup.tolist() == pytest.approx(expected, rel=1e-12)
+    assert (tmp_path / "offline" / "offline_tuning.png").is_file()
 
 
 def test_speedup_search_prints_the_coefficient_and_both_figures(tmp_path, acc_run, capsys):

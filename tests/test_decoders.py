@@ -167,15 +167,25 @@ def test_causal_score_vector_divides_by_the_queries_that_see_each_token():
     torch.testing.assert_close(score_vector(probs, mask, causal=True), torch.tensor([[0.7, 0.275, 0.35, 0.0]]))
 
 
-def test_chunked_causal_attention_equals_whole_batch(monkeypatch):
-    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 100)
+@pytest.mark.parametrize(
+    ("chunk_elements", "chunks"), [(100, [1, 1, 1]), (2 * 2 * 6 * 6, [2, 1])], ids=["one-row", "two-rows-then-one"]
+)
+def test_chunked_causal_attention_equals_whole_batch(chunk_elements, chunks, monkeypatch):
+    """Chunks of CHUNK_ELEMENTS // (2 heads * 6 * 6) rows, the last one shorter, = the whole batch."""
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk_elements)
+    rows_per_call: list[int] = []
+    real = attention.softmax_attention
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(3, 2, 6, 4, generator=generator) for _ in range(3))
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2, [True] + [False] * 5])
     state = TokenState(torch.zeros(3, 6, 1), mask, torch.arange(6).expand(3, 6), mask.sum(dim=1))
     bias = state.additive_mask(torch.float32, causal=True)
-    probs = attention.softmax_attention(query, key, bias, scale=0.3)
+    probs = real(query, key, bias, scale=0.3)  # the whole batch at once
+    monkeypatch.setattr(
+        attention, "softmax_attention", lambda q, *rest: rows_per_call.append(q.shape[0]) or real(q, *rest)
+    )
     context, scores = attention.attention_with_scores(query, key, value, bias, mask, scale=0.3, causal=True)
+    assert rows_per_call == chunks
     torch.testing.assert_close(context, probs @ value)
     torch.testing.assert_close(scores, score_vector(probs, mask, causal=True))
 

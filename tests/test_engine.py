@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import random_batch, tiny_model
 
 from tokenprune.engine import PrunableEncoder, attention, encoder
+from tokenprune.engine.flops import EncoderDims, encoder_macs, unpruned_macs
 from tokenprune.engine.scoring import score_vector
 from tokenprune.pruners.ltp import LTPPruner
 from tokenprune.pruners.static import RandomPruner, SpAttenPruner, TopKPruner
@@ -117,7 +120,8 @@ def test_score_vector_mean_is_one_over_real_tokens():
 
 
 def test_drop_and_restore_returns_full_length_with_vectors_at_drop_time():
-    _, adapter = tiny_model("bert")
+    """Tokens dropped in layer 1 keep the state they entered it with: stock HF's layer-0 output."""
+    model, adapter = tiny_model("bert")
     encoder = PrunableEncoder(adapter)
     ids, mask = random_batch(batch=3, length=20)
     layers = adapter.num_layers
@@ -125,17 +129,19 @@ def test_drop_and_restore_returns_full_length_with_vectors_at_drop_time():
     with torch.no_grad():
         restored = encoder(ids, mask, pruner=pruner, restore=True)
         pruned = encoder(ids, mask, pruner=pruner)
-        after_first = encoder(ids, mask, skip_layers={1, 2})  # hidden states entering layer 1
+        entering_layer_1 = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
     assert restored.hidden.shape[:2] == ids.shape
+    dropped = 0
     for row in range(3):
         kept = set(pruned.positions[row][pruned.mask[row]].tolist())
         for position in range(int(mask[row].sum())):
-            expected = (
-                pruned.hidden[row][pruned.positions[row] == position][0]
-                if position in kept
-                else after_first.hidden[row, position]
-            )
-            torch.testing.assert_close(restored.hidden[row, position], expected)
+            if position in kept:
+                expected = pruned.hidden[row][pruned.positions[row] == position][0]
+            else:
+                dropped += 1
+                expected = entering_layer_1[row, position]
+            torch.testing.assert_close(restored.hidden[row, position], expected, atol=1e-5, rtol=0)
+    assert dropped == sum(n - math.ceil(n / 2) for n in mask.sum(dim=1).tolist())
 
 
 def test_head_subset_equals_zeroing_the_other_heads():
@@ -169,17 +175,42 @@ def test_topk_start_layer_null_is_the_ltp_papers_baseline(layers, unpruned):
 
 
 def test_layer_drop_skips_layers_and_costs_nothing():
-    _, adapter = tiny_model("bert")
+    """Skipped layers pass their input through unchanged (skipping 0 and 2 = a stock model made of
+    layer 1 alone) and add nothing to the FLOPs count (one layer's MACs of three)."""
+    model, adapter = tiny_model("bert")
     ids, mask = random_batch()
+    engine = PrunableEncoder(adapter)
     with torch.no_grad():
-        out = PrunableEncoder(adapter)(ids, mask, skip_layers={0, 2})
+        out = engine(ids, mask, skip_layers={0, 2})
+        none_run = engine(ids, mask, skip_layers={0, 1, 2})
+        stock = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        model.bert.encoder.layer = torch.nn.ModuleList([model.bert.encoder.layer[1]])
+        layer_1_alone = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
     assert [t.skipped for t in out.trace] == [True, False, True]
+    real = mask.bool()
+    torch.testing.assert_close(none_run.hidden[real], stock[0][real], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.hidden[real], layer_1_alone[real], atol=1e-5, rtol=0)
+    dims = EncoderDims.of(adapter)
+    lengths = mask.sum(dim=1)
+    assert torch.equal(encoder_macs(dims, out.trace), unpruned_macs(dims, lengths) / 3)
+    assert not encoder_macs(dims, none_run.trace).any()
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 200, 1 << 20])
-def test_chunked_attention_equals_whole_batch(chunk_elements, monkeypatch):
-    """attention_with_scores over batch chunks = whole-batch softmax attention, incl. padding."""
+@pytest.mark.parametrize(
+    ("chunk_elements", "chunks"),
+    [(1, [1, 1, 1]), (200, [1, 1, 1]), (2 * 4 * 9 * 9, [2, 1]), (1 << 20, [3])],
+    ids=["floor-one-row", "one-row", "two-rows-then-a-short-one", "whole-batch"],
+)
+def test_chunked_attention_equals_whole_batch(chunk_elements, chunks, monkeypatch):
+    """attention_with_scores over batch chunks = whole-batch softmax attention, incl. padding;
+    a chunk holds CHUNK_ELEMENTS // (heads * n * n) rows (here 4 * 9 * 9 = 324 per row), the last
+    one what is left."""
     monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk_elements)
+    rows_per_call: list[int] = []
+    real = attention.softmax_attention
+    monkeypatch.setattr(
+        attention, "softmax_attention", lambda q, *rest: rows_per_call.append(q.shape[0]) or real(q, *rest)
+    )
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(3, 4, 9, 8, generator=generator) for _ in range(3))
     mask = torch.ones(3, 9, dtype=torch.bool)
@@ -188,6 +219,7 @@ def test_chunked_attention_equals_whole_batch(chunk_elements, monkeypatch):
     additive = torch.zeros(3, 9).masked_fill(~mask, torch.finfo(torch.float32).min)[:, None, None, :]
     probs = torch.softmax(query @ key.transpose(-1, -2) * 8**-0.5 + additive, dim=-1)
     context, scores = attention.attention_with_scores(query, key, value, additive, mask)
+    assert rows_per_call == chunks
     torch.testing.assert_close(context, probs @ value)
     torch.testing.assert_close(scores, score_vector(probs, mask))
     assert scores[2].abs().sum() == 0

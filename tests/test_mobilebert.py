@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from apps import FAST, compose_app
+from apps import FAST, compose_app, report_lengths, topk_flops_ratio
 from conftest import random_batch, tiny_model
 from transformers import MobileBertConfig, MobileBertModel, PreTrainedModel
 from transformers.models.mobilebert.modeling_mobilebert import NoNorm
@@ -118,8 +118,9 @@ def test_train_app_runs_on_tiny_mobilebert_with_topk(tmp_path):
     results = train(compose_app("train", overrides, tmp_path / "run"))
     report = results["report"]
     assert 0.0 <= report["report/accuracy"] <= 1.0
-    assert 0.3 < report["report/flops_ratio"] < 0.9
-    assert report["report/kept_fraction/layer_1"] == pytest.approx(0.5, abs=0.05)
     module = load_module(results["best_checkpoint"])
+    expected = topk_flops_ratio(module.dims, report_lengths(results), keep_ratio=0.5, start_layer=1)
+    assert report["report/flops_ratio"] == pytest.approx(expected, rel=1e-6) and expected < 0.8
+    assert report["report/kept_fraction/layer_1"] == pytest.approx(0.5, abs=0.05)
     assert isinstance(module.adapter, MobileBertAdapter)
     assert "mobilebert.encoder.layer.0.bottleneck.attention.dense.weight" in module.model.state_dict()

@@ -7,11 +7,14 @@ import json
 import pandas as pd
 import pytest
 import torch
-from apps import FAST, compose_app, record_search_evaluations, searched
+from apps import FAST, compose_app, record_search_evaluations, searched, stock_report_accuracy
 
 import tokenprune.apps.search as search_app
 from tokenprune.apps.search import cache_path, run_search
 from tokenprune.apps.train import train
+from tokenprune.engine.flops import unpruned_macs
+from tokenprune.modules.loading import load_module
+from tokenprune.search.evaluate import datamodule_for
 from tokenprune.search.pareto import hypervolume, pareto_front
 from tokenprune.search.store import CandidateStore
 
@@ -117,4 +120,13 @@ def test_bad_search_settings(tmp_path, checkpoint):
 def test_summary_json_is_written(tmp_path, checkpoint):
     run_search(search_cfg(tmp_path, checkpoint, "s"))
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
-    assert summary["main_metric"] == "accuracy" and 0 <= summary["report_unpruned_score"] <= 1
+    assert summary["main_metric"] == "accuracy"
+    # the whole report split, unpruned: the stock HF model's accuracy (the search's eval_batch_size)
+    expected = stock_report_accuracy(checkpoint, batch_size=128)
+    assert summary["report_unpruned_score"] == pytest.approx(expected, abs=1e-6)
+    # and the full model's FLOPs per example at the report split's lengths (a constant-class model
+    # scores the same on the val split, whose class counts are the report split's)
+    module = load_module(checkpoint)
+    lengths = torch.tensor(datamodule_for(module).lengths["report"])
+    expected_gflops = 2 * float(unpruned_macs(module.dims, lengths).mean()) / 1e9
+    assert summary["report_unpruned_gflops"] == pytest.approx(expected_gflops, rel=1e-9)

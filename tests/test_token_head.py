@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from apps import FAST, compose_app, record_search_evaluations, searched
+from apps import FAST, compose_app, record_search_evaluations, record_speedup_timings, searched
 from conftest import random_batch, tiny_model
 from hydra.utils import instantiate
 
@@ -327,9 +327,14 @@ def test_latency_objective_search_runs_and_caches_timings_per_device(that_run, t
         "measure.warmup=0",
         "measure.search_batches=2",
     ]
+    measured = record_speedup_timings(monkeypatch)
     result = run_search(compose_app("search", overrides, tmp_path / "latency"))
     candidates = result["candidates"]
-    assert (candidates.latency_ratio > 0).all() and "latency_ratio" in result["front"]
+    assert "latency_ratio" in result["front"]
+    assert [list(timings) for timings in measured] == [["hf_sdpa", "config_0"]] * len(candidates)
+    # each candidate's time over the stock model's, on the same batches, interleaved
+    ratios = [timings["config_0"]["median_s"] / timings["hf_sdpa"]["median_s"] for timings in measured]
+    assert sorted(candidates.latency_ratio) == pytest.approx(sorted(ratios), rel=1e-12)
     cache = [json.loads(line) for line in Path(result["cache"]).read_text().splitlines()]
     timed = [r for r in cache if r["key"].startswith("latency:cpu:")]
     assert len(timed) == len(candidates)

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from apps import FAST, compose_app, run_cli
+from apps import FAST, compose_app, report_lengths, run_cli, topk_flops_ratio
 from hydra.errors import HydraException
 
 import tokenprune.apps.train as train_app
@@ -27,7 +27,9 @@ def topk_run(tmp_path_factory) -> dict:
 def test_train_reports_metrics_flops_and_kept_tokens(topk_run):
     report = topk_run["report"]
     assert 0.0 <= report["report/accuracy"] <= 1.0 and "report/unpruned_accuracy" in report
-    assert 0.3 < report["report/flops_ratio"] < 0.9
+    dims = load_module(topk_run["last_checkpoint"]).dims
+    expected = topk_flops_ratio(dims, report_lengths(topk_run), keep_ratio=0.5, start_layer=1)
+    assert report["report/flops_ratio"] == pytest.approx(expected, rel=1e-6) and expected < 0.8
     assert report["report/kept_fraction/layer_0"] == 1.0
     assert report["report/kept_fraction/layer_1"] == pytest.approx(0.5, abs=0.05)
     run_dir = Path(topk_run["run_dir"])
