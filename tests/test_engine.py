@@ -25,6 +25,24 @@ def test_unpruned_logits_equal_stock_hf(family, attn):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["bert", "electra", "mobilebert"])
+def test_sentence_pairs_embed_their_segments_as_stock_hf(family):
+    """Pair tasks (MRPC, QQP, MNLI, ...): token_type_ids mark the second sentence (here the second
+    half of each row's real tokens); the engine's logits equal HF's, which the segments change."""
+    model, adapter = tiny_model(family, type_vocab_size=2)
+    ids, mask = random_batch()
+    lengths = mask.sum(dim=1, keepdim=True)
+    segments = ((torch.arange(ids.shape[1]) >= lengths // 2) & mask.bool()).long()
+    real = mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, token_type_ids=segments, output_hidden_states=True)
+        one_segment = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        out = PrunableEncoder(adapter)(ids, mask, segments)
+    assert (expected.hidden_states[-1] - one_segment.hidden_states[-1])[real].abs().max() > 1e-2
+    torch.testing.assert_close(out.hidden[real], expected.hidden_states[-1][real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(adapter.classify(out.hidden), expected.logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_max_positions_is_the_longest_input_the_stock_model_embeds(family):
     """RoBERTa's table reserves its first pad_token_id + 1 rows: 80 rows hold 78 positions."""
