@@ -114,15 +114,19 @@ def record_speedup_timings(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, di
 
 
 @torch.inference_mode()
-def stock_report_accuracy(checkpoint: str | Path, batches: int | None = None, batch_size: int = 128) -> float:
-    """Accuracy of the stock HF model in `checkpoint` (no engine, no pruning) on the report split
-    in batches of `batch_size` as evaluation serves it, the first `batches` of them (None: all)."""
+def stock_report_scores(checkpoint: str | Path, batches: int | None = None, batch_size: int = 128) -> dict[str, float]:
+    """Accuracy and mean cross entropy of the stock HF model in `checkpoint` (no engine, no
+    pruning) on the report split in batches of `batch_size` as evaluation serves it, the first
+    `batches` of them (None: all)."""
     module = load_module(checkpoint).eval()
     correct = total = 0
+    loss = 0.0
     for index, batch in enumerate(datamodule_for(module, batch_size).test_dataloader()):
         if index == batches:
             break
         labels = batch.pop("labels")
-        correct += int((module.model(**batch).logits.argmax(dim=-1) == labels).sum())
+        logits = module.model(**batch).logits
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         total += len(labels)
-    return correct / total
+    return {"accuracy": correct / total, "loss": loss / total}

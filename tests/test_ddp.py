@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from apps import FAST, compose_app, run_cli, stock_report_accuracy
+from apps import FAST, compose_app, run_cli, stock_report_scores
 from omegaconf import OmegaConf
 
 from tokenprune.apps.train import train
@@ -29,7 +29,7 @@ def test_ddp_on_two_cpu_processes_writes_once_in_32_bit(tmp_path):
     # report batches (every rank evaluates all of them: no distributed sampler; the ranks' metric
     # states are summed, so the accuracy is theirs)
     assert results["reported_on"] == "last" and config.trainer.limit_test_batches == 2
-    expected = stock_report_accuracy(results["last_checkpoint"], batches=2, batch_size=config.data.eval_batch_size)
+    expected = stock_report_scores(results["last_checkpoint"], 2, config.data.eval_batch_size)["accuracy"]
     assert report["report/accuracy"] == pytest.approx(expected, abs=1e-6)
 
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from apps import FAST, compose_app, record_search_evaluations, searched, stock_report_accuracy
+from apps import FAST, compose_app, record_search_evaluations, searched, stock_report_scores
 
 import tokenprune.apps.search as search_app
 from tokenprune.apps.search import cache_path, run_search
@@ -122,7 +122,7 @@ def test_summary_json_is_written(tmp_path, checkpoint):
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["main_metric"] == "accuracy"
     # the whole report split, unpruned: the stock HF model's accuracy (the search's eval_batch_size)
-    expected = stock_report_accuracy(checkpoint, batch_size=128)
+    expected = stock_report_scores(checkpoint, batch_size=128)["accuracy"]
     assert summary["report_unpruned_score"] == pytest.approx(expected, abs=1e-6)
     # and the full model's FLOPs per example at the report split's lengths (a constant-class model
     # scores the same on the val split, whose class counts are the report split's)

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from apps import FAST, compose_app, report_lengths, run_cli, topk_flops_ratio
+from apps import FAST, compose_app, report_lengths, run_cli, stock_report_scores, topk_flops_ratio
 from hydra.errors import HydraException
 
 import tokenprune.apps.train as train_app
@@ -52,6 +52,21 @@ class CrashAfterFirstEpoch(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == 1:
             raise RuntimeError("simulated crash")
+
+
+def test_report_on_best_evaluates_the_best_checkpoint_not_the_last(tmp_path):
+    """`report_on=best` reports the weights of the epoch the best checkpoint kept (here, with
+    `mode=min`, the epoch of lowest val accuracy, so that it is not the last epoch's): its report
+    loss is the stock model's on those weights, not on the last ones."""
+    overrides = [*FAST, "pruner=none", "trainer.max_epochs=3", "report_on=best", "checkpoints.best.mode=min"]
+    overrides.append("module.optimizer.lr=3e-3")  # epochs apart enough to score differently
+    results = train(compose_app("train", overrides, tmp_path / "run"))
+    best, last = results["best_checkpoint"], results["last_checkpoint"]
+    assert results["reported_on"] == "best" and Path(best).name.startswith("best-epoch") and best != last
+    scores = {name: stock_report_scores(path, batches=2) for name, path in (("best", best), ("last", last))}
+    assert abs(scores["best"]["loss"] - scores["last"]["loss"]) > 1e-3, "the checkpoints must score apart"
+    assert results["report"]["report/loss"] == pytest.approx(scores["best"]["loss"], abs=1e-5)
+    assert results["report"]["report/accuracy"] == pytest.approx(scores["best"]["accuracy"], abs=1e-6)
 
 
 def test_resume_from_last_matches_uninterrupted_run(tmp_path):
