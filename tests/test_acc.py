@@ -12,6 +12,7 @@ import torch
 from apps import FAST, compose_app, record_speedup_timings
 from conftest import random_batch, tiny_model
 
+import tokenprune.search.latency as latency
 from tokenprune.apps.search import run_search
 from tokenprune.apps.train import train, train_stages
 from tokenprune.engine import PrunableEncoder
@@ -190,6 +191,33 @@ def test_speedup_search_prints_the_coefficient_and_both_figures(tmp_path, acc_ru
         run_search(compose_app("search", [*overrides[:-1], "target_speedup=0.5"], tmp_path / "low"))
     with pytest.raises(ValueError, match="search.objective=speed is not one of: flops, latency"):
         run_search(compose_app("search", [*overrides, "search.objective=speed"], tmp_path / "objective"))
+
+
+def test_latency_objective_calibrates_interpolates_and_measures_its_choice(tmp_path, acc_run, monkeypatch):
+    """search=acc_speedup search.objective=latency end to end: the six calibration SCs timed in one
+    measurement (every variant runs on real batches; the device's timings are scripted as
+    stock 1 s, SC x s, so that speedup = 1 / SC), the SC for the target interpolated between them,
+    then measured once more on its own."""
+    calls: list[list[str]] = []
+
+    def scripted(variants, batches, device, warmup, repeats):
+        calls.append(list(variants))
+        for run in variants.values():
+            run(batches[0])  # the real passes: stock and every configuration
+        medians = [1 / 1.6] if len(calls) == 2 else [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        times = {"hf_sdpa": 1.0} | {f"config_{index}": median for index, median in enumerate(medians)}
+        return {name: {"median_s": time} for name, time in times.items()}
+
+    monkeypatch.setattr(latency, "measure_batches", scripted)
+    overrides = ["logger=csv", f"checkpoint={acc_run['last_checkpoint']}", "search=acc_speedup", "target_speedup=1.6"]
+    row = run_search(compose_app("search", [*overrides, "search.objective=latency"], tmp_path / "latency"))[
+        "candidates"
+    ].iloc[0]
+    assert calls == [["hf_sdpa", *(f"config_{index}" for index in range(6))], ["hf_sdpa", "config_0"]]
+    # speedups 1/0.7 = 1.4286 and 1/0.6 = 1.6667 bracket 1.6
+    assert row.speedup_coefficient == pytest.approx(0.7 - 0.1 * (1.6 - 1 / 0.7) / (1 / 0.6 - 1 / 0.7))
+    assert row.measured_speedup == pytest.approx(1.6)
+    assert row.calibration == pytest.approx({sc: 1 / sc for sc in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)})
 
 
 def test_latency_form_interpolates_measured_speedups_and_refuses_targets_outside_them():
