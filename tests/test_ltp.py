@@ -8,6 +8,7 @@ import pytest
 import torch
 from apps import FAST, compose_app, run_cli
 from conftest import random_batch, tiny_model
+from hydra.utils import instantiate
 
 from tokenprune.apps.train import train, train_stages
 from tokenprune.engine import PrunableEncoder
@@ -167,3 +168,34 @@ def test_retrained_topk_baseline_trains_with_pruning_from_the_finetuned_start(tm
     assert pruned["hyper_parameters"]["init_from"] == stages["finetune"]["last_checkpoint"]
     assert pruned["hyper_parameters"]["train_pruned"] and not finetuned["hyper_parameters"]["train_pruned"]
     assert 0.5 < results["report"]["report/flops_ratio"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "thresholds_trained"),
+    [
+        (["module=finetune", "pruner=none"], None),
+        (["module=ltp", "pruner=ltp", "module.stage=soft", "module.threshold_lr=0.05"], True),
+        (["module=ltp", "pruner=ltp", "module.stage=hard"], False),
+    ],
+    ids=["finetune", "ltp-soft", "ltp-hard"],
+)
+def test_optimizer_groups_cover_each_trained_parameter_once(tmp_path, overrides, thresholds_trained):
+    """Weight decay on the model's matrices only (biases, LayerNorm and embeddings' 1-d weights
+    none); LTP's soft stage trains the threshold offsets in their own group at threshold_lr, the
+    hard stage freezes them."""
+    cfg = compose_app("train", [*FAST, *overrides, "module.optimizer.weight_decay=0.01"], tmp_path / "run")
+    module = instantiate(cfg.module)
+    groups = module.parameter_groups()
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert len(grouped) == len(set(grouped)), "a parameter in two groups"
+    trained = {id(p) for p in module.parameters() if p.requires_grad}
+    assert set(grouped) == trained
+    decayed = {id(p) for group in groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert decayed == {id(p) for p in module.model.parameters() if p.ndim >= 2}
+    assert all(group["weight_decay"] in (0.0, 0.01) for group in groups)
+    if thresholds_trained is not None:
+        offset = module.pruner.offset
+        assert (id(offset) in trained) is thresholds_trained
+        if thresholds_trained:
+            (group,) = [group for group in groups if any(p is offset for p in group["params"])]
+            assert group["lr"] == 0.05 and group["weight_decay"] == 0.0 and len(group["params"]) == 1
