@@ -81,14 +81,16 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.label) != len(args.runs):
         parser.error("give one --label per --runs")
+    out = Path(args.out)
+    if out.exists():
+        parser.error(f"--out {out} exists; an earlier comparison is never overwritten: name a new folder")
     try:
         parts = [run_points(p, label, args.metric) for p, label in zip(args.runs, args.label)]
         parts += [front_points(spec) for spec in args.fronts]
     except FileNotFoundError as missing:
         parser.error(str(missing))
     table = pd.concat([p for p in parts if not p.empty], ignore_index=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=False)
+    out.mkdir(parents=True)
     table.to_csv(out / "table.csv", index=False)
     markdown = table.drop(columns="run").to_markdown(index=False, floatfmt=".4f")
     if args.budgets:
