@@ -163,3 +163,50 @@ def test_methods_table_refuses_a_rerun_whose_fine_tuned_start_changed(tmp_path):
     )
     assert done.returncode == 2 and f"not to this rerun's fine-tune {new}" in done.stderr, done.stderr
     assert (root / "start" / "s1.ckpt").resolve() == old, "the link is left as it was"
+
+
+def test_methods_table_runs_end_to_end_and_a_rerun_does_nothing_again(tmp_path):
+    """sweeps/methods_table.sh for real on the tiny backbone (one seed, top-k's post-hoc grid):
+    fine-tune, search, table, the bench of the chosen point, results page; then the same command
+    into the same folder reuses the fine-tune, skips the search and runs no bench again."""
+    root, page = tmp_path / "out", tmp_path / "page.md"
+    extra = "backbone=tiny logger=csv data.batch_size=16 trainer.limit_train_batches=4"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENPRUNE_OUTPUTS": str(root),
+        "SEEDS": "1",
+        "METHODS": "topk",
+        "FINETUNE_EPOCHS": "1",
+        "LEVELS": "0.9",  # the tiny model's top-k grid reaches 0.82x FLOPs at best
+        "PAGE": str(page),
+        "EXTRA": f"{extra} trainer.limit_val_batches=2 trainer.limit_test_batches=2",
+    }
+    script = Path(__file__).parents[1] / "sweeps" / "methods_table.sh"
+
+    def sweep() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    first = sweep()
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = pd.read_csv(root / "table" / "table.csv")
+    assert table.method.tolist() == ["topk"] and table.level.tolist() == [0.9]
+    assert table.flops_ratio[0] <= 0.9 and table.measured_speedup.notna().all(), "the chosen point was benched"
+    benches = sorted((root / "bench").glob("*/*/bench.csv"))
+    assert len(benches) == 1 and "| topk |" in page.read_text()
+    trained = sorted(root.glob("multirun/*/*/results.json"))
+
+    again = sweep()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted((root / "bench").glob("*/*/bench.csv")) == benches, "no bench ran again"
+    assert len(list((root / "search").glob("topk-s1/*/front.csv"))) == 1, "the search was skipped"
+    rerun = sorted(set(root.glob("multirun/*/*/results.json")) - set(trained))
+    assert len(rerun) == 1 and "reused_by" in json.loads(rerun[0].read_text()), "the fine-tune was reused"
+    assert pd.read_csv(root / "table" / "table.csv").equals(table)
+    none_reached = run_cli(
+        "tokenprune.apps.table", [str(root), "--levels", "0.3", "--out", str(tmp_path / "t")], tmp_path
+    )
+    assert none_reached.returncode == 0, none_reached.stderr[-3000:]
+    assert "No method has a point at or below any of the levels" in (tmp_path / "t" / "table.md").read_text()

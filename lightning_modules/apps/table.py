@@ -185,6 +185,19 @@ def unpruned_scores(points: pd.DataFrame) -> pd.Series:
     return points[points.method == UNPRUNED].groupby("seed").score.max()
 
 
+LEVEL_COLUMNS = [
+    "method",
+    "level",
+    "seeds",
+    "accuracy_mean",
+    "accuracy_std",
+    "delta_vs_unpruned",
+    "flops_ratio",
+    "measured_speedup",
+    "measured_over_flops",
+]
+
+
 def level_table(points: pd.DataFrame, levels: list[float], unpruned: pd.Series) -> pd.DataFrame:
     """Method x level: accuracy mean +- std over seeds, its gap to the unpruned models, FLOPs, speed."""
     rows = []
@@ -206,7 +219,7 @@ def level_table(points: pd.DataFrame, levels: list[float], unpruned: pd.Series) 
                     "measured_over_flops": (speedup / flops_speedup).mean() if len(speedup) else np.nan,
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=LEVEL_COLUMNS)  # the columns also when no method reaches a level
 
 
 def lossless_flops(points: pd.DataFrame, unpruned: pd.Series) -> pd.DataFrame:
@@ -278,12 +291,16 @@ def markdown(table: pd.DataFrame, lossless: pd.DataFrame, unpruned: pd.Series) -
     """table.md: the unpruned models, accuracy at each level (wide, then long), the fewest lossless FLOPs."""
     accuracy = [mean_std(mean, std) for mean, std in zip(table.accuracy_mean, table.accuracy_std)]
     shown = table.assign(accuracy=accuracy).drop(columns=["accuracy_mean", "accuracy_std"])
+    levels = (
+        f"{by_level(table).to_markdown(index=False)}\n\n{missing_as_dash(shown)}"
+        if len(table)
+        else "No method has a point at or below any of the levels (`--levels`)."
+    )
     return (
         f"{unpruned_line(unpruned)}\n\n"
         "## Accuracy at relative-FLOPs levels\n\n"
         "Each cell: report accuracy (mean +- std over seeds) @ relative FLOPs (measured / FLOPs speedup).\n\n"
-        f"{by_level(table).to_markdown(index=False)}\n\n"
-        f"{missing_as_dash(shown)}\n\n"
+        f"{levels}\n\n"
         f"## Fewest FLOPs without loss\n\n{missing_as_dash(lossless)}\n"
     )
 
