@@ -64,7 +64,7 @@ def test_counter_matches_flop_counter_mode(family, engine):
     mask = torch.ones_like(ids)
     measured, trace = measured_encoder_flops(adapter, ids, mask, **engine)
     counted = 2 * float(encoder_macs(EncoderDims.of(adapter), trace).sum())
-    assert counted == pytest.approx(measured, rel=0.02)
+    assert counted == pytest.approx(measured, rel=1e-9)  # the score vector included: torch counts its matmul too
     if "pruner" in engine:
         assert counted < 2 * float(unpruned_macs(EncoderDims.of(adapter), mask.sum(dim=1)).sum())
 
