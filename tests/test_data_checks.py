@@ -9,7 +9,7 @@ from apps import FAST, compose_app
 from datasets import Dataset, DatasetDict
 from hydra.utils import instantiate
 
-from tokenprune.apps.train import train
+from tokenprune.apps.train import train, validate
 from tokenprune.data.mail import mail_text
 from tokenprune.data.sampler import BucketShuffleSampler
 
@@ -100,3 +100,12 @@ def test_a_split_with_fewer_batches_than_ranks_is_refused_naming_the_batch_size(
     assert len(BucketShuffleSampler([5] * 10, batch_size=2).batches()) == 1  # 5 batches: 4 used, one each
     with pytest.raises(ValueError, match=r"3 batch\(es\) of data.batch_size=4 for 4 DDP processes"):
         BucketShuffleSampler([5] * 10, batch_size=4).batches()
+
+
+def test_a_capped_evaluation_split_is_flagged_as_its_longest_examples(tmp_path, caplog):
+    cfg = compose_app("train", [*FAST, "trainer.limit_test_batches=0.5", "trainer.limit_val_batches=null"], tmp_path)
+    with caplog.at_level("WARNING", logger="tokenprune.apps.train"):
+        validate(cfg)
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning.startswith("trainer.limit_test_batches=0.5: evaluation batches are sorted longest first")
+    assert "the report split's numbers come from its longest examples" in warning

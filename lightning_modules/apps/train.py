@@ -120,6 +120,16 @@ def validate(cfg: DictConfig) -> None:
         )
     with plain_errors():
         build_pruner(plain(cfg.pruner), config.num_hidden_layers, int(cfg.task.max_length), config.num_attention_heads)
+    for split, name in (("val", "limit_val_batches"), ("report", "limit_test_batches")):
+        value = cfg.trainer.get(name)
+        if value is not None and not (isinstance(value, float) and value == 1.0):
+            log.warning(
+                "trainer.%s=%s: evaluation batches are sorted longest first, so the %s split's numbers "
+                "come from its longest examples, not from a sample (for smoke runs; leave it null to score it all)",
+                name,
+                value,
+                split,
+            )
     for name in cfg.resume_allow_changes:
         if str(name).split(".")[0] not in COMPARED:
             raise ValueError(
