@@ -42,9 +42,11 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## The checks, then the test suite (what .ci/run calls).
+## The checks, then the test suite (what .ci/run calls), on TEST_WORKERS processes (pytest-xdist; each
+## test file stays in one process, so module fixtures such as the SLURM cluster are set up once).
+TEST_WORKERS ?= 2
 test: lint data
-	$(OFFLINE) $(BIN)/python -m pytest -q
+	$(OFFLINE) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## Throughput: stock HF (sdpa) vs engine unpruned vs top-k pruned, MiniLM-L6, batch 32, 128 tokens.
 bench: install

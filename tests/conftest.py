@@ -95,6 +95,34 @@ def random_batch(batch: int = 4, length: int = 24, seed: int = 1) -> tuple[torch
     return ids, mask
 
 
+# The files whose tests run longest (real sweeps, a SLURM cluster, DDP, CLI multiruns): collected
+# first, so that `make test`'s workers (pytest-xdist, one file per worker at a time) start them
+# first instead of ending on them.
+LONGEST_FIRST = (
+    "test_sweeps.py",
+    "test_slurm.py",
+    "test_train_app.py",
+    "test_table.py",
+    "test_ddp.py",
+    "test_token_head.py",
+    "test_length_adaptive.py",
+    "test_ltp.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: file order kept
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets its share of the cores for in-process torch work, so
+    that the workers do not oversubscribe them (the apps' subprocesses set their own threads)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
