@@ -8,6 +8,7 @@
 #   TOKENPRUNE_OUTPUTS=<that run's folder> bash sweeps/methods_table.sh   # after a kill: only what is missing
 #   EXTRA="backbone=bert_base task=sst2 trainer=gpu" bash sweeps/methods_table.sh   # GLUE x BERT-base on a GPU
 #   PRESET=reference METHODS=ltp,length_adaptive,token_head_adaptive bash sweeps/methods_table.sh   # a subset
+#   BENCH_WARMUP=1 BENCH_REPEATS=5 TASK=spam_assassin bash sweeps/methods_table.sh   # fewer timed passes per bench
 #
 # Seed by seed (so a complete table of the first seed exists early), every training a Hydra
 # multirun with skip_done=true, so a rerun into the same TOKENPRUNE_OUTPUTS skips finished runs
@@ -39,6 +40,8 @@ ACC_SC=${ACC_SC:-0.85}
 PRESET=${PRESET:-}
 PAGE=${PAGE:-docs/results/$TASK${PRESET:+-$PRESET}.md}
 EXTRA=${EXTRA:-}
+BENCH_WARMUP=${BENCH_WARMUP:-3}  # untimed passes over the report split per bench variant
+BENCH_REPEATS=${BENCH_REPEATS:-10}  # timed passes (the bench reports their median and spread)
 ALL_METHODS="ltp topk_retrained topk spatten random manual_threshold length_adaptive token_head_adaptive acc"
 METHODS=${METHODS:-${ALL_METHODS// /,}}  # the fine-tuned start (unpruned) always runs
 source "$(dirname "$0")/checks.sh"
@@ -52,6 +55,8 @@ need_int SANDWICH_EPOCHS 1
 need_number LENGTH_DROP 0 0.99
 need_int ITERATIONS 1
 need_number ACC_SC 0.01 2
+need_int BENCH_WARMUP 0
+need_int BENCH_REPEATS 1
 need_choices METHODS $ALL_METHODS
 [[ $PRESET =~ ^(|reference)$ ]] || { echo "PRESET=$PRESET is not one of: '' (our defaults), reference" >&2; exit 2; }
 export TOKENPRUNE_OUTPUTS=${TOKENPRUNE_OUTPUTS:-outputs/methods_table/$TASK${PRESET:+-$PRESET}-$(date +%Y-%m-%d_%H-%M-%S)}
@@ -77,7 +82,7 @@ trained() {
 benches() {
   tokenprune-table "$root" --levels "$LEVELS"
   while read -r command; do
-    [[ -n $command ]] && eval "$command"
+    [[ -n $command ]] && eval "$command warmup=$BENCH_WARMUP repeats=$BENCH_REPEATS"
   done < "$root/table/bench_plan.txt"
 }
 mkdir -p "$root/start"

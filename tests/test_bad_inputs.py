@@ -385,6 +385,8 @@ SWEEP_CASES = [
     ("methods_table.sh", "PRESET", "paper"),
     ("methods_table.sh", "ACC_SC", "0"),
     ("methods_table.sh", "METHODS", "ltp,paper"),
+    ("methods_table.sh", "BENCH_WARMUP", "-1"),
+    ("methods_table.sh", "BENCH_REPEATS", "0"),
     # settings that are not swept: a list would fail only after hours of training
     ("length_adaptive.sh", "LENGTH_DROP", "0.2,0.3"),
     ("token_head_adaptive.sh", "LAYER_DROP", "0.1,0.2"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from apps import FAST, compose_app, run_cli
+from omegaconf import OmegaConf
 from PIL import Image
 from wandb_files import runs_under
 
@@ -181,6 +182,8 @@ def test_methods_table_runs_end_to_end_and_a_rerun_does_nothing_again(tmp_path):
         "METHODS": "topk",
         "FINETUNE_EPOCHS": "1",
         "LEVELS": "0.9",  # the tiny model's top-k grid reaches 0.82x FLOPs at best
+        "BENCH_WARMUP": "0",
+        "BENCH_REPEATS": "2",
         "PAGE": str(page),
         "EXTRA": f"{extra} trainer.limit_val_batches=2 trainer.limit_test_batches=2",
     }
@@ -196,6 +199,8 @@ def test_methods_table_runs_end_to_end_and_a_rerun_does_nothing_again(tmp_path):
     assert table.flops_ratio[0] <= 0.9 and table.measured_speedup.notna().all(), "the chosen point was benched"
     benches = sorted((root / "bench").glob("*/*/bench.csv"))
     assert len(benches) == 1 and "| topk |" in page.read_text()
+    bench_config = OmegaConf.load(benches[0].parent / ".hydra" / "config.yaml")
+    assert (bench_config["warmup"], bench_config["repeats"]) == (0, 2), "BENCH_WARMUP/BENCH_REPEATS reached the bench"
     trained = sorted(root.glob("multirun/*/*/results.json"))
 
     again = sweep()
