@@ -417,6 +417,11 @@ def test_sweep_scripts_refuse_bad_settings_before_any_run(tmp_path, script, vari
     [
         ("tokenprune.apps.table", ["{root}", "--levels", "0.3,x"], "--levels=0.3,x: give comma-separated numbers"),
         ("tokenprune.apps.table", ["{root}", "--levels", "0.5,1.5"], "--levels=0.5,1.5: each level must be in (0, 1]"),
+        (
+            "tokenprune.apps.ledger",
+            ["{root}", "{root}/o", "--seeds", "1,x"],
+            "--seeds=1,x: give comma-separated integers",
+        ),
         ("tokenprune.apps.compare", ["--runs", "{root}/*.json", "--label", "a", "--out", "{root}/o"], "matches no"),
         (
             "tokenprune.apps.compare",

@@ -16,7 +16,7 @@ from apps import FAST, compose_app
 
 from tokenprune.allocator import keep_freed_memory
 from tokenprune.apps.bench import measure_and_write
-from tokenprune.apps.ledger import SETTINGS, export
+from tokenprune.apps.ledger import SETTINGS, export, ledger_files
 from tokenprune.apps.search import run_search
 from tokenprune.apps.table import (
     TABLE_INPUTS,
@@ -97,7 +97,26 @@ def test_a_ledger_copy_builds_the_same_table_and_never_replaces_a_file(tmp_path)
             root / "topk1",
         )
     )
+    run_search(
+        compose_app(
+            "search",
+            [
+                "logger=csv",
+                f"checkpoint={unpruned['last_checkpoint']}",
+                "search=keep_ratio_grid",
+                "search.values=[0.5]",
+                "run_name=topk-s2",
+            ],
+            root / "topk2",
+        )
+    )
     ledger = tmp_path / "ledger"
+    seed_two = export(root, ledger / "seed2", seeds={2})
+    assert seed_two == [Path("topk2/.hydra/config.yaml"), Path("topk2/front.csv")], "only the seed-2 run"
+    seed_one = export(root, ledger / "seed1", seeds={1})
+    assert set(seed_one) == set(ledger_files(root)) - set(seed_two), "every other run is seed 1's"
+    with pytest.raises(FileNotFoundError, match=r"seeds \[3\]"):
+        export(root, ledger / "seed3", seeds={3})
     copied = export(root, ledger / "session1")
     assert {path.name for path in copied} == {"results.json", "config.yaml", "front.csv"}
     assert not list(ledger.rglob("*.ckpt")) and not list(ledger.rglob("wandb"))

@@ -1,6 +1,7 @@
 """Copy what tokenprune-table reads from a sweep's output folder into a ledger kept in git.
 
     tokenprune-ledger outputs/methods_table/rt_sentiment-<time> docs/results/runs/rt_sentiment/<name>
+    tokenprune-ledger <sweep> docs/results/runs/rt_sentiment/<date>-s3 --seeds 3   # one seed's runs
     tokenprune-table docs/results/runs/rt_sentiment --page docs/results/rt_sentiment.md
 
 A table of every method x 3 seeds needs more compute than one session on one machine, and a
@@ -9,7 +10,8 @@ sweep's folder lives on that machine. The ledger keeps the small files the table
 results), so sweeps run in different sessions (other seeds, other methods) add up to one table:
 tokenprune-table reads every run below the folder it is given. Checkpoints, W&B files and logs
 stay behind. A copy never replaces a file: if the ledger holds a file of the same name with other
-contents, nothing is copied.
+contents, nothing is copied. `--seeds` keeps the runs of those seeds (run names `<method>-s<seed>`),
+so a seed finished while later ones still run is exported once, in its own folder.
 """
 
 from __future__ import annotations
@@ -19,29 +21,40 @@ import filecmp
 import shutil
 from pathlib import Path
 
-from tokenprune.apps.table import TABLE_INPUTS
+from tokenprune.apps.table import TABLE_INPUTS, saved_run
 
 SETTINGS = Path(".hydra") / "config.yaml"  # a run's resolved settings: its run_name, task, pruner
 
 
-def ledger_files(root: Path) -> list[Path]:
+def of_seeds(folder: Path, seeds: set[int] | None) -> bool:
+    """Whether the run in `folder` is one of `seeds` (every run when `seeds` is None)."""
+    if seeds is None:
+        return True
+    run = saved_run(folder)
+    return run is not None and run[1] in seeds
+
+
+def ledger_files(root: Path, seeds: set[int] | None = None) -> list[Path]:
     """The files tokenprune-table reads under `root`, relative to it: the TABLE_INPUTS and the
-    saved settings of the runs that wrote them."""
+    saved settings of the runs that wrote them (of `seeds` only, when given)."""
     files: set[Path] = set()
     for name in TABLE_INPUTS:
         for path in root.glob(f"**/{name}"):
+            if not of_seeds(path.parent, seeds):
+                continue
             files.add(path.relative_to(root))
             if (path.parent / SETTINGS).is_file():
                 files.add(path.parent.relative_to(root) / SETTINGS)
     return sorted(files)
 
 
-def export(root: Path, ledger: Path) -> list[Path]:
-    """Copy `ledger_files(root)` into `ledger` (same relative paths); returns the files copied
-    (files already there with the same contents are skipped)."""
-    files = ledger_files(root)
+def export(root: Path, ledger: Path, seeds: set[int] | None = None) -> list[Path]:
+    """Copy `ledger_files(root, seeds)` into `ledger` (same relative paths); returns the files
+    copied (files already there with the same contents are skipped)."""
+    files = ledger_files(root, seeds)
     if not files:
-        raise FileNotFoundError(f"{root} holds none of {', '.join(TABLE_INPUTS)}: not a sweep's output folder")
+        of = f" from a run of seeds {sorted(seeds)}" if seeds is not None else ""
+        raise FileNotFoundError(f"{root} holds none of {', '.join(TABLE_INPUTS)}{of}: not a sweep's output folder")
     clashes = [f for f in files if (ledger / f).exists() and not filecmp.cmp(root / f, ledger / f, shallow=False)]
     if clashes:
         raise FileExistsError(
@@ -55,12 +68,22 @@ def export(root: Path, ledger: Path) -> list[Path]:
     return copied
 
 
+def seed_list(text: str) -> set[int]:
+    """`--seeds 1,3` -> {1, 3}; anything else is refused with the setting named."""
+    try:
+        seeds = {int(part) for part in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds={text}: give comma-separated integers, e.g. 1,3") from None
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the sweep's output folder (TOKENPRUNE_OUTPUTS of sweeps/methods_table.sh)")
     parser.add_argument("ledger", help="where the copy goes, e.g. docs/results/runs/<task>/<name>")
+    parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds: copy only their runs (default: all)")
     args = parser.parse_args()
-    copied = export(Path(args.root), Path(args.ledger))
+    copied = export(Path(args.root), Path(args.ledger), args.seeds)
     print(f"{len(copied)} files copied to {args.ledger}")
 
 
