@@ -5,7 +5,8 @@
 #   need_choices NAME A B ...    NAME holds a comma-separated list of some of A B ...
 need_int() {
   local value=${!1}
-  if ! [[ $value =~ ^[0-9]+$ ]] || (( value < $2 )); then
+  # no leading zeros: bash would read 010 as octal, Hydra as the string '010'
+  if ! [[ $value =~ ^(0|[1-9][0-9]*)$ ]] || (( value < $2 )); then
     echo "$1=$value must be an integer >= $2" >&2; exit 2
   fi
 }
@@ -14,7 +15,7 @@ need_numbers() {
   IFS=, read -ra items <<< "$value"
   [[ ${#items[@]} -gt 0 ]] || { echo "$1 is empty; give a number in [$2, $3]" >&2; exit 2; }
   for item in "${items[@]}"; do
-    if ! [[ $item =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || ! awk -v x="$item" -v lo="$2" -v hi="$3" 'BEGIN { exit !(x >= lo && x <= hi) }'; then
+    if ! [[ $item =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || [[ $item =~ ^0[0-9] ]] || ! awk -v x="$item" -v lo="$2" -v hi="$3" 'BEGIN { exit !(x >= lo && x <= hi) }'; then
       echo "$1=$value: '$item' must be a number in [$2, $3]" >&2; exit 2
     fi
   done

@@ -387,6 +387,8 @@ SWEEP_CASES = [
     ("methods_table.sh", "METHODS", "ltp,paper"),
     ("methods_table.sh", "BENCH_WARMUP", "-1"),
     ("methods_table.sh", "BENCH_REPEATS", "0"),
+    ("methods_table.sh", "BENCH_REPEATS", "08"),  # bash would read it as octal, Hydra as a string
+    ("methods_table.sh", "SEEDS", "1,08"),
     # settings that are not swept: a list would fail only after hours of training
     ("length_adaptive.sh", "LENGTH_DROP", "0.2,0.3"),
     ("token_head_adaptive.sh", "LAYER_DROP", "0.1,0.2"),

@@ -110,13 +110,14 @@ def test_a_ledger_copy_builds_the_same_table_and_never_replaces_a_file(tmp_path)
             root / "topk2",
         )
     )
-    ledger = tmp_path / "ledger"
-    seed_two = export(root, ledger / "seed2", seeds={2})
+    by_seed = tmp_path / "by_seed"
+    seed_two = export(root, by_seed / "s2", seeds={2})
     assert seed_two == [Path("topk2/.hydra/config.yaml"), Path("topk2/front.csv")], "only the seed-2 run"
-    seed_one = export(root, ledger / "seed1", seeds={1})
+    seed_one = export(root, by_seed / "s1", seeds={1})
     assert set(seed_one) == set(ledger_files(root)) - set(seed_two), "every other run is seed 1's"
-    with pytest.raises(FileNotFoundError, match=r"seeds \[3\]"):
-        export(root, ledger / "seed3", seeds={3})
+    with pytest.raises(FileNotFoundError, match=r"no runs of --seeds \[3\]"):
+        export(root, by_seed / "s3", seeds={3})
+    ledger = tmp_path / "ledger"
     copied = export(root, ledger / "session1")
     assert {path.name for path in copied} == {"results.json", "config.yaml", "front.csv"}
     assert not list(ledger.rglob("*.ckpt")) and not list(ledger.rglob("wandb"))

@@ -21,6 +21,7 @@ import filecmp
 import shutil
 from pathlib import Path
 
+from tokenprune.apps.settings import refusals_as_messages
 from tokenprune.apps.table import TABLE_INPUTS, saved_run
 
 SETTINGS = Path(".hydra") / "config.yaml"  # a run's resolved settings: its run_name, task, pruner
@@ -52,9 +53,10 @@ def export(root: Path, ledger: Path, seeds: set[int] | None = None) -> list[Path
     """Copy `ledger_files(root, seeds)` into `ledger` (same relative paths); returns the files
     copied (files already there with the same contents are skipped)."""
     files = ledger_files(root, seeds)
+    if not files and seeds is not None and ledger_files(root):
+        raise FileNotFoundError(f"{root} holds no runs of --seeds {sorted(seeds)} (run names <method>-s<seed>)")
     if not files:
-        of = f" from a run of seeds {sorted(seeds)}" if seeds is not None else ""
-        raise FileNotFoundError(f"{root} holds none of {', '.join(TABLE_INPUTS)}{of}: not a sweep's output folder")
+        raise FileNotFoundError(f"{root} holds none of {', '.join(TABLE_INPUTS)}: not a sweep's output folder")
     clashes = [f for f in files if (ledger / f).exists() and not filecmp.cmp(root / f, ledger / f, shallow=False)]
     if clashes:
         raise FileExistsError(
@@ -83,7 +85,8 @@ def main() -> None:
     parser.add_argument("ledger", help="where the copy goes, e.g. docs/results/runs/<task>/<name>")
     parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds: copy only their runs (default: all)")
     args = parser.parse_args()
-    copied = export(Path(args.root), Path(args.ledger), args.seeds)
+    with refusals_as_messages():
+        copied = export(Path(args.root), Path(args.ledger), args.seeds)
     print(f"{len(copied)} files copied to {args.ledger}")
 
 
