@@ -84,32 +84,11 @@ def test_a_ledger_copy_builds_the_same_table_and_never_replaces_a_file(tmp_path)
     unpruned = train(compose_app("train", [*FAST, "seed=1", "run_name=unpruned-s1"], root / "u1"))
     overrides = [*FAST, "seed=1", "experiment=length_adaptive", "module.num_sandwich=1", "run_name=length_adaptive-s1"]
     experiment = train_stages(compose_app("train", overrides, root / "la1"), overrides)
-    run_search(
-        compose_app(
-            "search",
-            [
-                "logger=csv",
-                f"checkpoint={unpruned['last_checkpoint']}",
-                "search=keep_ratio_grid",
-                "search.values=[0.4,0.7]",
-                "run_name=topk-s1",
-            ],
-            root / "topk1",
+    for seed, values in ((1, "[0.4,0.7]"), (2, "[0.5]")):  # a top-k grid of each seed on the same model
+        search = ["logger=csv", f"checkpoint={unpruned['last_checkpoint']}", "search=keep_ratio_grid"]
+        run_search(
+            compose_app("search", [*search, f"search.values={values}", f"run_name=topk-s{seed}"], root / f"topk{seed}")
         )
-    )
-    run_search(
-        compose_app(
-            "search",
-            [
-                "logger=csv",
-                f"checkpoint={unpruned['last_checkpoint']}",
-                "search=keep_ratio_grid",
-                "search.values=[0.5]",
-                "run_name=topk-s2",
-            ],
-            root / "topk2",
-        )
-    )
     by_seed = tmp_path / "by_seed"
     seed_two = export(root, by_seed / "s2", seeds={2})
     assert seed_two == [Path("topk2/.hydra/config.yaml"), Path("topk2/front.csv")], "only the seed-2 run"
