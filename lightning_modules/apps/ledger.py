@@ -21,7 +21,7 @@ import filecmp
 import shutil
 from pathlib import Path
 
-from tokenprune.apps.settings import refusals_as_messages
+from tokenprune.apps.settings import integer_set, refusals_as_messages
 from tokenprune.apps.table import TABLE_INPUTS, saved_run
 
 SETTINGS = Path(".hydra") / "config.yaml"  # a run's resolved settings: its run_name, task, pruner
@@ -70,20 +70,13 @@ def export(root: Path, ledger: Path, seeds: set[int] | None = None) -> list[Path
     return copied
 
 
-def seed_list(text: str) -> set[int]:
-    """`--seeds 1,3` -> {1, 3}; anything else is refused with the setting named."""
-    try:
-        seeds = {int(part) for part in text.split(",")}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds={text}: give comma-separated integers, e.g. 1,3") from None
-    return seeds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the sweep's output folder (TOKENPRUNE_OUTPUTS of sweeps/methods_table.sh)")
     parser.add_argument("ledger", help="where the copy goes, e.g. docs/results/runs/<task>/<name>")
-    parser.add_argument("--seeds", type=seed_list, help="comma-separated seeds: copy only their runs (default: all)")
+    parser.add_argument(
+        "--seeds", type=integer_set("--seeds"), help="comma-separated seeds: copy only their runs (default: all)"
+    )
     args = parser.parse_args()
     with refusals_as_messages():
         copied = export(Path(args.root), Path(args.ledger), args.seeds)

@@ -234,3 +234,16 @@ def fractions(option: str) -> Callable[[str], list[float]]:
         return values
 
     return parse
+
+
+def integer_set(option: str) -> Callable[[str], set[int]]:
+    """An argparse type: comma-separated integers such as seeds (`1,3` -> {1, 3}); a bad value is
+    reported naming `option`."""
+
+    def parse(text: str) -> set[int]:
+        try:
+            return {int(item) for item in text.split(",")}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option}={text}: give comma-separated integers, e.g. 1,3") from None
+
+    return parse
