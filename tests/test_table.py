@@ -28,7 +28,7 @@ from tokenprune.apps.table import (
     results_page,
     unpruned_scores,
 )
-from tokenprune.apps.train import train, train_stages
+from tokenprune.apps.train import reuse_finished, train, train_stages
 from tokenprune.throughput import device_name
 
 
@@ -82,6 +82,12 @@ def test_table_takes_each_seeds_point_at_every_level_and_joins_benches(tmp_path)
 def test_a_ledger_copy_builds_the_same_table_and_never_replaces_a_file(tmp_path):
     root = tmp_path / "sweep"
     unpruned = train(compose_app("train", [*FAST, "seed=1", "run_name=unpruned-s1"], root / "u1"))
+    rerun = reuse_finished(
+        compose_app("train", [*FAST, "seed=1", "run_name=unpruned-s1", "skip_done=true"], root / "rerun")
+    )
+    assert rerun["reused_by"] == str(root / "rerun") and rerun["run_dir"] == unpruned["run_dir"]
+    assert not any(path.parts[0] == "rerun" for path in ledger_files(root)), "the run itself is exported"
+    assert ledger_files(root / "rerun") == [SETTINGS, Path("results.json")], "a record of a run not exported stays"
     overrides = [*FAST, "seed=1", "experiment=length_adaptive", "module.num_sandwich=1", "run_name=length_adaptive-s1"]
     experiment = train_stages(compose_app("train", overrides, root / "la1"), overrides)
     for seed, values in ((1, "[0.4,0.7]"), (2, "[0.5]")):  # a top-k grid of each seed on the same model

@@ -11,18 +11,21 @@ results), so sweeps run in different sessions (other seeds, other methods) add u
 tokenprune-table reads every run below the folder it is given. Checkpoints, W&B files and logs
 stay behind. A copy never replaces a file: if the ledger holds a file of the same name with other
 contents, nothing is copied. `--seeds` keeps the runs of those seeds (run names `<method>-s<seed>`),
-so a seed finished while later ones still run is exported once, in its own folder.
+so a seed finished while later ones still run is exported once, in its own folder. The record a
+rerun writes for a run it did not repeat (`skip_done`: a results.json with `reused_by`) is left
+out when the run it points to is exported too: the table counts that run once either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
 from pathlib import Path
 
 from tokenprune.apps.settings import integer_set, refusals_as_messages
-from tokenprune.apps.table import TABLE_INPUTS, saved_run
+from tokenprune.apps.table import RESULTS, TABLE_INPUTS, saved_run
 
 SETTINGS = Path(".hydra") / "config.yaml"  # a run's resolved settings: its run_name, task, pruner
 
@@ -35,17 +38,32 @@ def of_seeds(folder: Path, seeds: set[int] | None) -> bool:
     return run is not None and run[1] in seeds
 
 
+def reused_run(results: Path, root: Path) -> Path | None:
+    """For a results.json that a rerun wrote for a finished run it did not repeat (`reused_by`),
+    that run's results.json relative to `root` when it lies below `root`; else None."""
+    try:
+        record = json.loads(results.read_text())
+    except ValueError:  # being written by a run that is still going
+        return None
+    if not isinstance(record, dict) or "reused_by" not in record:
+        return None
+    original = Path(record["run_dir"]) / RESULTS
+    return original.relative_to(root.resolve()) if original.is_relative_to(root.resolve()) else None
+
+
 def ledger_files(root: Path, seeds: set[int] | None = None) -> list[Path]:
     """The files tokenprune-table reads under `root`, relative to it: the TABLE_INPUTS and the
-    saved settings of the runs that wrote them (of `seeds` only, when given)."""
-    files: set[Path] = set()
+    saved settings of the runs that wrote them (of `seeds` only, when given), without the reuse
+    records of runs that are exported themselves."""
+    runs: set[Path] = set()
     for name in TABLE_INPUTS:
-        for path in root.glob(f"**/{name}"):
-            if not of_seeds(path.parent, seeds):
-                continue
-            files.add(path.relative_to(root))
-            if (path.parent / SETTINGS).is_file():
-                files.add(path.parent.relative_to(root) / SETTINGS)
+        runs.update(path.relative_to(root) for path in root.glob(f"**/{name}") if of_seeds(path.parent, seeds))
+    reuses = {path for path in runs if path.name == RESULTS and reused_run(root / path, root) in runs}
+    files: set[Path] = set()
+    for path in runs - reuses:
+        files.add(path)
+        if (root / path.parent / SETTINGS).is_file():
+            files.add(path.parent / SETTINGS)
     return sorted(files)
 
 
