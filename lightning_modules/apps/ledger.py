@@ -47,8 +47,8 @@ def reused_run(results: Path, root: Path) -> Path | None:
         return None
     if not isinstance(record, dict) or "reused_by" not in record:
         return None
-    original = Path(record["run_dir"]) / RESULTS
-    return original.relative_to(root.resolve()) if original.is_relative_to(root.resolve()) else None
+    original, below = Path(record["run_dir"]) / RESULTS, root.resolve()
+    return original.relative_to(below) if original.is_relative_to(below) else None
 
 
 def ledger_files(root: Path, seeds: set[int] | None = None) -> list[Path]:
