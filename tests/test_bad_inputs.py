@@ -289,6 +289,7 @@ BENCH_CASES = [
     (["pruner.keep_ratio=nan"], "pruner.keep_ratio"),
     (["pruner=none"], "needs a pruner"),
     (["repeats=abc"], "repeats"),
+    (["precision=16"], "precision=16 is not one of: 32, bf16, fp16"),
 ]
 
 

@@ -74,8 +74,8 @@ def test_bench_table_and_outputs(tmp_path):
     assert len(rows) == 6 and (tmp_path / "bench" / "bench.csv").is_file()
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_bench_under_mixed_precision_names_the_device_in_every_row(tmp_path, precision, caplog):
+@pytest.mark.parametrize("precision", ["32", "bf16", "fp16"])  # `precision=32` reaches the config as a number
+def test_bench_under_each_precision_names_the_device_in_every_row(tmp_path, precision, caplog):
     overrides = ["backbone=tiny", "logger=csv", "batch_sizes=[2]", "lengths=[16,32]", "repeats=1", "warmup=0"]
     cfg = compose_app("bench", [*overrides, f"precision={precision}", "pruner=topk"], tmp_path / precision)
     torch.set_num_threads(1)  # the bench runs on its `threads` setting (2), and its rows must say so

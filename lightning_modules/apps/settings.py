@@ -62,7 +62,8 @@ class Rule:
                 )
             return
         if self.choices:
-            if value not in self.choices:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if (str(value) if number else value) not in self.choices:  # `precision=32` arrives as 32
                 raise ValueError(f"{name}={value!r} is not one of: {', '.join(map(str, self.choices))}")
             return
         numeric = (int,) if self.kind is int else (int, float)
