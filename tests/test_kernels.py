@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from tokenprune.engine import PrunableEncoder
 from tokenprune.engine.kernels import (
     ONEDNN_AVAILABLE,
-    _blocked_weights,
+    _onednn_copies,
     cpu_linear,
     pass_kernels,
     set_cpu_linear,
@@ -86,10 +86,10 @@ def test_a_weight_is_reordered_once_per_value_and_forgotten_with_it(kernel):
         assert reorders(lambda: [linear(x[:, :4], sliced) for _ in range(2)]) == 1
         freed = torch.randn(8, 6)
         linear(x, freed)
-    identity = id(freed)
-    assert identity in _blocked_weights
+    identity = id(freed), torch.float32
+    assert identity in _onednn_copies
     del freed  # its blocked copy goes with it
-    assert identity not in _blocked_weights
+    assert identity not in _onednn_copies
     conv1d = torch.randn(6, 8)  # GPT-2's Conv1D weight (in, out): the engine passes a fresh `.T` each pass
     with torch.no_grad():
         assert reorders(lambda: [linear(x, conv1d.T) for _ in range(3)]) == 1
@@ -113,15 +113,67 @@ def test_engine_inference_runs_onednn_and_matches_aten(kernel):
 
 
 @needs_onednn
-def test_training_and_autocast_keep_f_linear(kernel):
+def test_training_and_fp16_autocast_keep_f_linear(kernel):
     kernel("onednn")
     _, adapter = tiny_model("bert")
     encoder = PrunableEncoder(adapter)
     ids, mask = random_batch(batch=2, length=12)
     assert linear_ops(lambda: encoder(ids, mask).hidden.sum().backward()) == {"aten::addmm"}
     assert all(p.grad is not None for p in adapter.model.base_model.encoder.parameters())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: encoder(ids, mask))
+
+
+@needs_onednn
+def test_bf16_autocast_linear_runs_onednn_from_a_weight_converted_once(kernel):
+    """Under bf16 autocast, oneDNN computes in bf16 from the weight and bias converted once per
+    value (not cast on every call), with autocast's result; the fp32 copy of the same weight is kept
+    beside it."""
+    kernel("onednn")
+    weight, bias, x = torch.randn(16, 24), torch.randn(16), torch.randn(2, 5, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x, weight, bias)
+        linear = pass_kernels(x.device).linear
+        assert reorders(partial(linear, x, weight, bias)) == 1
+        assert reorders(lambda: [linear(x, weight, bias) for _ in range(3)]) == 0
+        assert linear_ops(partial(linear, x.bfloat16(), weight, bias)) == {"mkldnn::_linear_pointwise"}
+        got = linear(x, weight, bias)
+        weight.mul_(-1)  # new values: converted again
+        assert reorders(partial(linear, x, weight, bias)) == 1
+        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), atol=2e-2, rtol=2e-2)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        pass_kernels(x.device).linear(x, weight)
+    assert {(id(weight), torch.bfloat16), (id(weight), torch.float32), (id(bias), torch.bfloat16)} <= set(
+        _onednn_copies
+    )
+
+
+@needs_onednn
+def test_engine_and_stock_reference_under_bf16_autocast_run_onednn_as_autocast_would(kernel):
+    """A bf16-autocast inference pass (`tokenprune-bench precision=bf16`): the engine's and the
+    stock reference's linears all run on oneDNN in bf16, with the logits of plain autocast."""
+    model, adapter = tiny_model("bert")
+    model.eval()
+    encoder = PrunableEncoder(adapter)
+    ids, mask = random_batch(batch=3, length=20)
+    pruner = TopKPruner(adapter.num_layers, keep_ratio=0.5, start_layer=1)
+    hidden, ops = {}, {}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        for name in ("onednn", "aten"):
+            kernel(name)
+            hidden[name] = encoder(ids, mask, pruner=pruner).hidden
+            ops[name] = linear_ops(lambda: encoder(ids, mask, pruner=pruner))
+        kernel("onednn")
+        with stock_linears(model, pass_kernels(ids.device)):
+            stock = model(input_ids=ids, attention_mask=mask).logits
+            ops["stock"] = linear_ops(lambda: model(input_ids=ids, attention_mask=mask))
+    assert ops == {"onednn": {"mkldnn::_linear_pointwise"}, "aten": {"aten::addmm"}, "stock": ops["onednn"]}
+    assert hidden["onednn"].dtype == hidden["aten"].dtype
+    torch.testing.assert_close(hidden["onednn"], hidden["aten"], atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(stock, expected, atol=5e-2, rtol=5e-2)
 
 
 @needs_onednn

@@ -8,12 +8,18 @@ same kind (README "Measured"; MKL is known to pick slower code paths on non-Inte
 `cpu_linear=onednn` (the default where PyTorch has oneDNN) every fp32 linear of a CPU inference
 pass's layers (the engine's projections and the HF modules a layer calls, GPT-2's Conv1D
 included) and of the LM head runs on oneDNN;
-training (autograd), autocast and GPUs keep `F.linear`. `aten` keeps `F.linear` everywhere.
+training (autograd), fp16 autocast and GPUs keep `F.linear`. `aten` keeps `F.linear` everywhere.
+
+Under bf16 autocast (`tokenprune-bench precision=bf16`) `F.linear` casts its fp32 weight to bf16
+on every call, and oneDNN then reorders it: on the AMX cores of a 2-core Intel Xeon VM a bf16
+linear at 64 rows took as long as the fp32 one, so a pruned layer's few rows gained nothing from
+bf16. oneDNN computes those linears in bf16 from a weight converted once (README "Measured"): the
+input is cast to bf16 and the output is bf16, as autocast's linear gives, accumulated in fp32.
 
 oneDNN computes from weights in its own blocked layout. Given a plain weight it reorders it on
 every call, a cost that does not shrink with the rows: at the 64 rows of a late pruned layer it
 was 10-15% of a MiniLM-sized linear, at 832 rows 2-5%. Each weight is therefore reordered once
-per value (`_blocked`) and the blocked copy reused until the weight changes.
+per value (`_converted`) and the blocked copy reused until the weight changes.
 
 The stock HF model that throughput is measured against gets the same kernel (`stock_linears`):
 a speedup then measures what pruning saves, not which GEMM library each side called.
@@ -59,9 +65,15 @@ def cpu_linear() -> str:
     return _cpu_linear
 
 
-def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    fp32_cpu = (x.dtype, x.device.type, weight.dtype) == (torch.float32, "cpu", torch.float32)
-    return fp32_cpu and x.dim() >= 2 and weight.dim() == 2 and (bias is None or bias.dtype == torch.float32)
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN computes a pass's linears in
+
+
+def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> bool:
+    """fp32: fp32 CPU tensors only; bf16 (autocast): fp32 or bf16 ones, cast to bf16 as autocast
+    would."""
+    given = ONEDNN_DTYPES if dtype == torch.bfloat16 else (dtype,)
+    tensors_fit = x.dtype in given and weight.dtype in given and (bias is None or bias.dtype in given)
+    return tensors_fit and x.device.type == "cpu" and x.dim() >= 2 and weight.dim() == 2
 
 
 def value_key(tensor: Tensor) -> tuple[Hashable, ...]:
@@ -73,35 +85,47 @@ def value_key(tensor: Tensor) -> tuple[Hashable, ...]:
     return tensor.data_ptr(), tensor.shape, tensor.stride(), version
 
 
-# id(owner) -> (a weak reference to the owner, the key of the weight's values, its blocked copy); the
-# owner is the weight, or the tensor it views (GPT-2's out-projection is a fresh `.T` of its Conv1D
-# weight on every pass, so a view's own identity would never hit)
-_blocked_weights: dict[int, tuple[weakref.ref[Tensor], tuple[Hashable, ...], Tensor]] = {}
+# (id(owner), dtype) -> (a weak reference to the owner, the key of the tensor's values, its copy for
+# oneDNN); the owner is the tensor, or the tensor it views (GPT-2's out-projection is a fresh `.T` of
+# its Conv1D weight on every pass, so a view's own identity would never hit)
+_onednn_copies: dict[tuple[int, torch.dtype], tuple[weakref.ref[Tensor], tuple[Hashable, ...], Tensor]] = {}
 
 
-def _blocked(weight: Tensor) -> Tensor:
-    """`weight` in oneDNN's blocked layout, reordered once per weight value: the copy is kept
-    while the weight (or the tensor it views) lives and remade when its values change."""
-    owner = weight if weight._base is None else weight._base
-    key = value_key(weight)
-    hit = _blocked_weights.get(id(owner))
+def _converted(tensor: Tensor, dtype: torch.dtype, make: Callable[[Tensor], Tensor]) -> Tensor:
+    """`make(tensor in dtype)`, made once per tensor value and dtype: the copy is kept while the
+    tensor (or the tensor it views) lives and remade when its values change."""
+    owner = tensor if tensor._base is None else tensor._base
+    identity = id(owner), dtype
+    key = value_key(tensor)
+    hit = _onednn_copies.get(identity)
     if hit is not None and hit[0]() is owner and hit[1] == key:
         return hit[2]
-    blocked = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
-    identity = id(owner)
-    forget = weakref.ref(owner, lambda _: _blocked_weights.pop(identity, None))
-    _blocked_weights[identity] = (forget, key, blocked)
-    return blocked
+    converted = make(tensor.to(dtype))
+    forget = weakref.ref(owner, lambda _: _onednn_copies.pop(identity, None))
+    _onednn_copies[identity] = (forget, key, converted)
+    return converted
 
 
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, _blocked(weight), bias, "none", [], "")
+def _reordered(weight: Tensor) -> Tensor:
+    """`weight` in oneDNN's blocked layout."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """x @ weight.T + bias computed by oneDNN in `dtype`, from the weight (and bias) converted once."""
+    blocked = _converted(weight, dtype, _reordered)
+    bias = None if bias is None else bias if bias.dtype == dtype else _converted(bias, dtype, Tensor.contiguous)
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), blocked, bias, "none", [], "")
 
 
 class _OneDnnLinear(TorchFunctionMode):
     """F.linear, and the `torch.addmm(bias, x, weight)` of GPT-2's Conv1D layers, -> oneDNN's inner
-    product for fp32 CPU tensors; every other call unchanged. A mode sees every torch call made
-    under it, so it is entered only around the HF modules a layer calls."""
+    product in `dtype` for the CPU tensors it serves; every other call unchanged. A mode sees every
+    torch call made under it, so it is entered only around the HF modules a layer calls."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
@@ -111,40 +135,46 @@ class _OneDnnLinear(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if _onednn_serves(x, weight, bias):
-                return _onednn_linear(x, weight, bias)
+            if _onednn_serves(x, weight, bias, self.dtype):
+                return _onednn_linear(x, weight, bias, self.dtype)
         elif func is torch.addmm and len(args) == 3 and not kwargs:  # bias + x @ weight, beta = alpha = 1
             bias, x, weight = args
-            if bias.dim() == 1 and _onednn_serves(x, weight.T, bias):
-                return _onednn_linear(x, weight.T, bias)
+            if bias.dim() == 1 and _onednn_serves(x, weight.T, bias, self.dtype):
+                return _onednn_linear(x, weight.T, bias, self.dtype)
         return func(*args, **kwargs)
 
 
 @dataclass(frozen=True)
 class PassKernels:
     """The linear kernel of one engine pass: `linear` for the engine's own projections,
-    `modules()` as the context of the HF modules it calls (their nn.Linear layers)."""
+    `modules()` as the context of the HF modules it calls (their nn.Linear layers). `onednn_dtype`:
+    what oneDNN computes in (None: F.linear)."""
 
-    onednn: bool
+    onednn_dtype: torch.dtype | None
+
+    @property
+    def onednn(self) -> bool:
+        return self.onednn_dtype is not None
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if self.onednn and _onednn_serves(x, weight, bias):
-            return _onednn_linear(x, weight, bias)
+        if self.onednn_dtype is not None and _onednn_serves(x, weight, bias, self.onednn_dtype):
+            return _onednn_linear(x, weight, bias, self.onednn_dtype)
         return F.linear(x, weight, bias)
 
     def modules(self) -> contextlib.AbstractContextManager[object]:
-        return _OneDnnLinear() if self.onednn else contextlib.nullcontext()
+        return contextlib.nullcontext() if self.onednn_dtype is None else _OneDnnLinear(self.onednn_dtype)
 
 
 def pass_kernels(device: torch.device) -> PassKernels:
     """The kernels of one engine pass on `device`: oneDNN linears for a CPU pass that records no
-    autograd graph and runs no autocast (when `cpu_linear` is onednn), else F.linear."""
-    return PassKernels(
-        _cpu_linear == "onednn"
-        and device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-    )
+    autograd graph (when `cpu_linear` is onednn), in fp32, or in bf16 under bf16 autocast; else
+    (training, fp16 autocast, GPUs) F.linear."""
+    if _cpu_linear != "onednn" or device.type != "cpu" or torch.is_grad_enabled():
+        return PassKernels(None)
+    if not torch.is_autocast_enabled("cpu"):
+        return PassKernels(torch.float32)
+    autocast_dtype = torch.get_autocast_dtype("cpu")
+    return PassKernels(autocast_dtype if autocast_dtype in ONEDNN_DTYPES else None)
 
 
 def _layer_on(kernels: PassKernels, layer: nn.Linear, x: Tensor) -> Tensor:
