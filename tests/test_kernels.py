@@ -13,8 +13,10 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 from tokenprune.engine import PrunableEncoder
+from tokenprune.engine import kernels as kernels_module
 from tokenprune.engine.kernels import (
     ONEDNN_AVAILABLE,
+    ONEDNN_BF16,
     _onednn_copies,
     cpu_linear,
     pass_kernels,
@@ -24,6 +26,7 @@ from tokenprune.engine.kernels import (
 from tokenprune.pruners.static import TopKPruner
 
 needs_onednn = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+needs_onednn_bf16 = pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN computes no bf16 on this CPU (no AVX-512)")
 
 
 @pytest.fixture
@@ -61,6 +64,14 @@ def test_onednn_linear_equals_f_linear_on_sliced_weights(kernel, rows, with_bias
         torch.testing.assert_close(by_name, expected[0], atol=1e-5, rtol=1e-5)
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-5)
+
+
+def onednn_dtypes(monkeypatch) -> set[torch.dtype]:
+    """The dtypes of the outputs of the oneDNN linears computed from now on."""
+    seen: set[torch.dtype] = set()
+    real = kernels_module._onednn_linear
+    monkeypatch.setattr(kernels_module, "_onednn_linear", lambda *args: seen.add((out := real(*args)).dtype) or out)
+    return seen
 
 
 def reorders(run) -> int:
@@ -124,11 +135,11 @@ def test_training_and_fp16_autocast_keep_f_linear(kernel):
         assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: encoder(ids, mask))
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_bf16_autocast_linear_runs_onednn_from_a_weight_converted_once(kernel):
     """Under bf16 autocast, oneDNN computes in bf16 from the weight and bias converted once per
-    value (not cast on every call), with autocast's result; the fp32 copy of the same weight is kept
-    beside it."""
+    value (not cast on every call), with autocast's result; where autocast is turned off inside the
+    pass, F.linear in fp32; the fp32 copy of the same weight is kept beside the bf16 one."""
     kernel("onednn")
     weight, bias, x = torch.randn(16, 24), torch.randn(16), torch.randn(2, 5, 24)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -141,6 +152,9 @@ def test_bf16_autocast_linear_runs_onednn_from_a_weight_converted_once(kernel):
         weight.mul_(-1)  # new values: converted again
         assert reorders(partial(linear, x, weight, bias)) == 1
         torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), atol=2e-2, rtol=2e-2)
+        with torch.autocast("cpu", enabled=False):  # as an HF region that computes in fp32 does
+            assert linear_ops(partial(linear, x, weight, bias)) == {"aten::addmm"}
+            assert linear(x, weight, bias).dtype == torch.float32
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
     with torch.no_grad():
@@ -150,10 +164,11 @@ def test_bf16_autocast_linear_runs_onednn_from_a_weight_converted_once(kernel):
     )
 
 
-@needs_onednn
-def test_engine_and_stock_reference_under_bf16_autocast_run_onednn_as_autocast_would(kernel):
+@needs_onednn_bf16
+def test_engine_and_stock_reference_under_bf16_autocast_run_onednn_as_autocast_would(kernel, monkeypatch):
     """A bf16-autocast inference pass (`tokenprune-bench precision=bf16`): the engine's and the
     stock reference's linears all run on oneDNN in bf16, with the logits of plain autocast."""
+    computed = onednn_dtypes(monkeypatch)
     model, adapter = tiny_model("bert")
     model.eval()
     encoder = PrunableEncoder(adapter)
@@ -171,7 +186,7 @@ def test_engine_and_stock_reference_under_bf16_autocast_run_onednn_as_autocast_w
             stock = model(input_ids=ids, attention_mask=mask).logits
             ops["stock"] = linear_ops(lambda: model(input_ids=ids, attention_mask=mask))
     assert ops == {"onednn": {"mkldnn::_linear_pointwise"}, "aten": {"aten::addmm"}, "stock": ops["onednn"]}
-    assert hidden["onednn"].dtype == hidden["aten"].dtype
+    assert computed == {torch.bfloat16}
     torch.testing.assert_close(hidden["onednn"], hidden["aten"], atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(stock, expected, atol=5e-2, rtol=5e-2)
 
@@ -198,22 +213,29 @@ def test_stock_reference_runs_the_same_kernel_and_is_restored(kernel):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
-def test_gpt2_reference_and_engine_run_every_linear_map_on_the_same_kernel(kernel, tmp_path, monkeypatch):
+def test_gpt2_reference_and_engine_run_every_linear_map_on_the_same_kernel(kernel, tmp_path, monkeypatch, dtype):
     """GPT-2's Conv1D layers (addmm) and its LM head: the stock reference and the engine pass both
-    compute every linear map on oneDNN, and the reference builds no KV cache (engine passes keep
-    none), with the plain HF model's logits."""
+    compute every linear map on oneDNN (in bf16 under bf16 autocast), and the reference builds no
+    KV cache (engine passes keep none), with the plain HF model's logits."""
+    if dtype == torch.bfloat16 and not ONEDNN_BF16:
+        pytest.skip("oneDNN computes no bf16 on this CPU (no AVX-512)")
     kernel("onednn")
     module, batch = acc_module(tmp_path, restore=True), lm_batch()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    expected = module.model(**inputs).logits  # plain HF: Conv1D addmm, the head on F.linear
-    caches = []
-    monkeypatch.setattr(DynamicCache, "__init__", lambda self, *a, **k: caches.append(1) or None)
-    assert linear_ops(lambda: module.stock_logits(batch)) == {"mkldnn::_linear_pointwise"}
-    assert linear_ops(lambda: module(batch)) == {"mkldnn::_linear_pointwise"}
-    assert not caches
-    torch.testing.assert_close(module.stock_logits(batch), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(module(batch)[0], expected, atol=1e-5, rtol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    computed = onednn_dtypes(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        expected = module.model(**inputs).logits  # plain HF: Conv1D addmm, the head on F.linear
+        caches = []
+        monkeypatch.setattr(DynamicCache, "__init__", lambda self, *a, **k: caches.append(1) or None)
+        assert linear_ops(lambda: module.stock_logits(batch)) == {"mkldnn::_linear_pointwise"}
+        assert linear_ops(lambda: module(batch)) == {"mkldnn::_linear_pointwise"}
+        assert not caches
+        torch.testing.assert_close(module.stock_logits(batch), expected, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(module(batch)[0], expected, atol=tolerance, rtol=tolerance)
+    assert computed == {dtype}
     assert not any("forward" in vars(layer) for layer in module.model.modules())
 
 

@@ -13,8 +13,9 @@ training (autograd), fp16 autocast and GPUs keep `F.linear`. `aten` keeps `F.lin
 Under bf16 autocast (`tokenprune-bench precision=bf16`) `F.linear` casts its fp32 weight to bf16
 on every call, and oneDNN then reorders it: on the AMX cores of a 2-core Intel Xeon VM a bf16
 linear at 64 rows took as long as the fp32 one, so a pruned layer's few rows gained nothing from
-bf16. oneDNN computes those linears in bf16 from a weight converted once (README "Measured"): the
-input is cast to bf16 and the output is bf16, as autocast's linear gives, accumulated in fp32.
+bf16. On CPUs with AVX-512 (`ONEDNN_BF16`) oneDNN computes those linears in bf16 from a weight
+converted once (README "Measured"): the input is cast to bf16 and the output is bf16, as
+autocast's linear gives, accumulated in fp32.
 
 oneDNN computes from weights in its own blocked layout. Given a plain weight it reorders it on
 every call, a cost that does not shrink with the rows: at the 64 rows of a late pruned layer it
@@ -48,6 +49,8 @@ ONEDNN_AVAILABLE = (
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 )
+# oneDNN computes bf16 on CPUs with AVX-512 (AMX where present); elsewhere bf16 keeps F.linear
+ONEDNN_BF16 = ONEDNN_AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 _cpu_linear = "onednn" if ONEDNN_AVAILABLE else "aten"
 
 
@@ -69,8 +72,10 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN computes a pass's
 
 
 def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> bool:
-    """fp32: fp32 CPU tensors only; bf16 (autocast): fp32 or bf16 ones, cast to bf16 as autocast
-    would."""
+    """fp32: fp32 CPU tensors only; bf16: fp32 or bf16 ones, cast to bf16 as autocast would, while
+    autocast is on (an HF region that turns it off keeps F.linear)."""
+    if dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu"):
+        return False
     given = ONEDNN_DTYPES if dtype == torch.bfloat16 else (dtype,)
     tensors_fit = x.dtype in given and weight.dtype in given and (bias is None or bias.dtype in given)
     return tensors_fit and x.device.type == "cpu" and x.dim() >= 2 and weight.dim() == 2
@@ -115,7 +120,8 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.
     """x @ weight.T + bias computed by oneDNN in `dtype`, from the weight (and bias) converted once."""
     blocked = _converted(weight, dtype, _reordered)
     bias = None if bias is None else bias if bias.dtype == dtype else _converted(bias, dtype, Tensor.contiguous)
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), blocked, bias, "none", [], "")
+    x = x if x.dtype == dtype else x.to(dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
 
 
 class _OneDnnLinear(TorchFunctionMode):
@@ -167,14 +173,14 @@ class PassKernels:
 
 def pass_kernels(device: torch.device) -> PassKernels:
     """The kernels of one engine pass on `device`: oneDNN linears for a CPU pass that records no
-    autograd graph (when `cpu_linear` is onednn), in fp32, or in bf16 under bf16 autocast; else
-    (training, fp16 autocast, GPUs) F.linear."""
+    autograd graph (when `cpu_linear` is onednn), in fp32, or in bf16 under bf16 autocast where the
+    CPU computes bf16 (ONEDNN_BF16); else (training, fp16 autocast, GPUs) F.linear."""
     if _cpu_linear != "onednn" or device.type != "cpu" or torch.is_grad_enabled():
         return PassKernels(None)
     if not torch.is_autocast_enabled("cpu"):
         return PassKernels(torch.float32)
-    autocast_dtype = torch.get_autocast_dtype("cpu")
-    return PassKernels(autocast_dtype if autocast_dtype in ONEDNN_DTYPES else None)
+    bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and ONEDNN_BF16
+    return PassKernels(torch.bfloat16 if bf16 else None)
 
 
 def _layer_on(kernels: PassKernels, layer: nn.Linear, x: Tensor) -> Tensor:
