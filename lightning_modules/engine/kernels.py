@@ -68,15 +68,12 @@ def cpu_linear() -> str:
     return _cpu_linear
 
 
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN computes a pass's linears in
-
-
 def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> bool:
     """fp32: fp32 CPU tensors only; bf16: fp32 or bf16 ones, cast to bf16 as autocast would, while
     autocast is on (an HF region that turns it off keeps F.linear)."""
     if dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu"):
         return False
-    given = ONEDNN_DTYPES if dtype == torch.bfloat16 else (dtype,)
+    given = (torch.float32, torch.bfloat16) if dtype == torch.bfloat16 else (dtype,)
     tensors_fit = x.dtype in given and weight.dtype in given and (bias is None or bias.dtype in given)
     return tensors_fit and x.device.type == "cpu" and x.dim() >= 2 and weight.dim() == 2
 
