@@ -67,6 +67,7 @@ TRAIN_SETTINGS = [
     ([], "threads", [("0", "outside"), ("x", "must be an integer")]),
     ([], "report_on", [("worst", "is not one of")]),
     ([], "resume_allow_changes", [("[nonsense.key]", "is not a setting a resume compares")]),
+    ([], "checkpoints.interval.minutes", [("-1", "outside"), ("x", "must be a number")]),
 ]
 # float settings that must reject NaN, inf and text
 TRAIN_FLOATS = [
@@ -79,6 +80,7 @@ TRAIN_FLOATS = [
     ([], "module.optimizer.weight_decay"),
     ([], "module.scheduler.warmup_ratio"),
     ([], "trainer.gradient_clip_val"),
+    ([], "checkpoints.interval.minutes"),
 ]
 TRAIN_CASES = [
     pytest.param([*groups, f"{setting}={value}"], setting, message, id=f"{setting}={value}")

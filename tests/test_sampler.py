@@ -1,5 +1,6 @@
 """BucketShuffleSampler: every example once per epoch, an order fixed by (seed, epoch), batches of
-similar length, and under DDP disjoint shards of equal batch counts."""
+similar length, and under DDP disjoint shards of equal batch counts; ResumableLoader continuing an
+epoch from a checkpoint's position."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils.data import BatchSampler
 
-from tokenprune.data.sampler import BucketShuffleSampler
+from tokenprune.data.sampler import BucketShuffleSampler, OffsetBatchSampler, ResumableLoader
 
 BATCH = 8
 
@@ -100,3 +101,41 @@ def test_ddp_ranks_take_disjoint_shards_of_equal_batch_counts(count, world):
     assert sorted(taken) == sorted(index for batch in whole[:usable] for index in batch)
     expected_examples = usable * BATCH if usable < len(whole) else count
     assert len(taken) == expected_examples
+
+
+def resumable_loader(sizes: list[int], workers: int = 0) -> ResumableLoader:
+    order = BucketShuffleSampler(sizes, BATCH, seed=4)
+    batches = OffsetBatchSampler(order, BATCH, drop_last=False)
+    return ResumableLoader(list(range(len(sizes))), batch_sampler=batches, num_workers=workers)
+
+
+def epoch_batches(loader: ResumableLoader, epoch: int) -> list[list[int]]:
+    loader.batch_sampler.sampler.set_epoch(epoch)  # what Lightning does before each pass
+    return [batch.tolist() for batch in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
+def test_resumable_loader_continues_an_epoch_after_the_batches_it_had_handed_out(workers):
+    """Workers load batches ahead; the position counts only those handed out."""
+    sizes = lengths(103)
+    whole = epoch_batches(resumable_loader(sizes), 2)
+    killed = resumable_loader(sizes, workers)
+    killed.batch_sampler.sampler.set_epoch(2)
+    stream = iter(killed)
+    taken = [next(stream).tolist() for _ in range(5)]
+    state = killed.state_dict()
+    assert state == {"epoch": 2, "batches": 5} and taken == whole[:5]
+    resumed = resumable_loader(sizes)
+    resumed.load_state_dict(state)
+    assert epoch_batches(resumed, 2) == whole[5:], "the rest of the epoch, nothing twice"
+    assert resumed.state_dict() == {"epoch": 2, "batches": len(whole)}
+    assert epoch_batches(resumed, 3) == epoch_batches(resumable_loader(sizes), 3), "the next epoch whole"
+
+
+def test_resumable_loader_state_of_a_finished_epoch_leaves_the_next_epoch_whole():
+    sizes = lengths(40)
+    loader = resumable_loader(sizes)
+    epoch_batches(loader, 0)
+    later = resumable_loader(sizes)
+    later.load_state_dict(loader.state_dict())  # an epoch-end checkpoint: epoch 0, every batch
+    assert epoch_batches(later, 1) == epoch_batches(resumable_loader(sizes), 1)

@@ -102,6 +102,38 @@ def test_skip_done_rerun_resumes_an_interrupted_run_to_the_same_result(tmp_path)
     assert train(compose_app("train", other_seed, tmp_path / "sweep" / "s12"))["resumed_from"] is None
 
 
+class CrashMidEpoch(L.Callback):
+    """Dies as the batch of optimizer step `step` starts (after the interval checkpoint of the step before)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_run_killed_mid_epoch_resumes_from_the_batch_it_reached_to_the_same_result(tmp_path):
+    """checkpoints.interval.minutes=0: last.ckpt after every optimizer step, with the loader's
+    position; the rerun continues epoch 1 at its 4th batch (step 9 of 12), not at its start."""
+    overrides = [*FAST, "trainer.max_epochs=2", "seed=13", "checkpoints.interval.minutes=0"]
+    straight = train(compose_app("train", overrides, tmp_path / "straight" / "run"))
+    killed = tmp_path / "sweep" / "killed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_app("train", overrides, killed), extra_callbacks=[CrashMidEpoch(9)])
+    left = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert left["global_step"] == 9 and left["epoch"] == 1
+    assert left["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 3}]
+    rerun = train(compose_app("train", [*overrides, "skip_done=true"], tmp_path / "sweep" / "rerun"))
+    assert rerun["resumed_from"] == str(killed / "checkpoints" / "last.ckpt")
+    assert rerun["report"] == pytest.approx(straight["report"], abs=1e-6)
+    a = torch.load(Path(straight["last_checkpoint"]), weights_only=True)
+    b = torch.load(Path(rerun["last_checkpoint"]), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=1e-6, rtol=0)
+
+
 def test_skip_done_rerun_of_a_staged_run_reuses_finished_stages_and_resumes_the_killed_one(tmp_path, monkeypatch):
     overrides = [*FAST, "experiment=retrained_baseline", "pruner=topk", "pruner.keep_ratio=0.5", "skip_done=true"]
     command = [*overrides, f"paths.root={tmp_path}"]  # what each stage is composed from

@@ -99,6 +99,7 @@ TRAINER = {
     "trainer.limit_test_batches": Rule(float, 0, optional=True),
     "trainer.check_val_every_n_epoch": Rule(int, 1, optional=True),
     "report_on": Rule(choices=("last", "best")),
+    "checkpoints.interval.minutes": Rule(float, 0),  # 0: after every optimizer step
 }
 SEARCH = {
     "threads": Rule(int, 1),

@@ -50,7 +50,7 @@ from tokenprune.config import plain, plain_errors
 from tokenprune.data.sources import check_source
 from tokenprune.engine.adapters import usable_positions
 from tokenprune.modules.base import check_task_backbone
-from tokenprune.modules.callbacks import CheckpointRecord, ProgressLog, RunSettings, StepSeed
+from tokenprune.modules.callbacks import CheckpointRecord, LoaderPosition, ProgressLog, RunSettings, StepSeed
 from tokenprune.pruners import build_pruner
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ def finished_run(cfg: DictConfig) -> dict[str, Any] | None:
 
 def interrupted_checkpoint(cfg: DictConfig) -> str | None:
     """The last.ckpt of an unfinished run under paths.root with this run's config key (killed or
-    timed out after at least one epoch; the newest if several), for `skip_done` to resume from."""
+    timed out after its first epoch or interval checkpoint; the newest if several), for
+    `skip_done` to resume from."""
     key = config_key(cfg)
     own = Path(cfg.paths.output_dir)
     candidates = []
@@ -255,6 +256,7 @@ def train(
         callbacks = [
             *checkpoints.values(),
             StepSeed(cfg.seed),
+            LoaderPosition(),
             RunSettings(run_settings(cfg)),
             CheckpointRecord(TRAINING_RUN_KEY, training_run_record(loggers, run_dir)),
             *(extra_callbacks or []),

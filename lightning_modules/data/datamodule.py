@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import lightning as L
 import numpy as np
 from datasets import Dataset, DatasetDict
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import DataLoader
 from transformers import (
     AutoTokenizer,
     DataCollatorForTokenClassification,
@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from tokenprune.checks import check_choice
-from tokenprune.data.sampler import BucketShuffleSampler
+from tokenprune.data.sampler import BucketShuffleSampler, OffsetBatchSampler, ResumableLoader
 from tokenprune.data.sources import SPLITS
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -219,8 +219,8 @@ class TaskDataModule(L.LightningDataModule):
         assert self.splits is not None, "call setup() first"
         train = self.splits["train"]
         order = BucketShuffleSampler(self.lengths["train"], self.batch_size, seed=self.seed, shard=shard)
-        batches = BatchSampler(order, self.batch_size, drop_last=False)
-        return DataLoader(train, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
+        batches = OffsetBatchSampler(order, self.batch_size, drop_last=False)
+        return ResumableLoader(train, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

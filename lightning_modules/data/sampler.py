@@ -1,12 +1,15 @@
-"""Length-bucketed shuffling: less padding in training, deterministic per epoch."""
+"""Length-bucketed shuffling: less padding in training, deterministic per epoch; a training
+loader that a mid-epoch checkpoint continues from."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import islice
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 
 class BucketShuffleSampler(Sampler[int]):
@@ -65,3 +68,48 @@ class BucketShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return sum(len(batch) for batch in self.batches())
+
+
+class OffsetBatchSampler(BatchSampler):
+    """A BatchSampler whose next pass starts at batch `start` (then 0 again): a resumed epoch."""
+
+    start = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.start = self.start, 0
+        return islice(super().__iter__(), start, None)
+
+
+class ResumableLoader(DataLoader):
+    """Training batches that a mid-epoch checkpoint continues from.
+
+    Lightning's stateful-loader protocol: the fit loop stores `state_dict()` (the epoch and how many
+    of its batches this loader has handed out) in every checkpoint and gives it back to
+    `load_state_dict` on resume; the next pass over that same epoch then starts after those
+    batches. The order is fixed by (seed, epoch) (`BucketShuffleSampler`) and `StepSeed` reseeds
+    every step, so a run resumed mid-epoch trains on exactly the batches, with exactly the
+    randomness, of the uninterrupted run. Batches are counted as this loader hands them out, after
+    any worker processes, so the position is exact with `data.num_workers` > 0 too. Where Lightning
+    does not hand the state back, `modules.callbacks.LoaderPosition` does.
+    """
+
+    epoch = 0
+    handed_out = 0
+    resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # DataLoader's iterator, counted
+        batches = self.batch_sampler
+        assert isinstance(batches, OffsetBatchSampler) and isinstance(batches.sampler, BucketShuffleSampler)
+        self.epoch = batches.sampler.epoch  # Lightning sets it before each pass
+        resume, self.resume = self.resume, None
+        self.handed_out = resume[1] if resume is not None and resume[0] == self.epoch else 0
+        batches.start = self.handed_out
+        for batch in super().__iter__():
+            self.handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume = (int(state["epoch"]), int(state["batches"]))

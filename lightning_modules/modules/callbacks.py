@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.seed import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import CombinedLoader
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,57 @@ class CheckpointRecord(L.Callback):
         checkpoint[self.key] = self.record
 
 
+class IntervalCheckpoint(ModelCheckpoint):
+    """Write the checkpoint every `minutes` of training, in the middle of an epoch too, so that a
+    killed or preempted run loses at most that much work rather than up to a whole epoch.
+
+    With the training loader's position in it (`data.sampler.ResumableLoader`), a resume continues
+    exactly where the checkpoint was taken. Saves wait for an optimizer step (a gradient being
+    accumulated is in no checkpoint) and skip an epoch's last batch (the epoch-end save follows).
+    `minutes=0` saves after every optimizer step. Other arguments: Lightning's `ModelCheckpoint`.
+    """
+
+    def __init__(self, minutes: float, **kwargs: Any) -> None:
+        if not minutes >= 0:
+            raise ValueError(f"checkpoints.interval.minutes={minutes} must be >= 0 (0: after every optimizer step)")
+        super().__init__(train_time_interval=timedelta(minutes=minutes), **kwargs)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        mid_accumulation = (batch_idx + 1) % trainer.accumulate_grad_batches != 0
+        if mid_accumulation or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class LoaderPosition(L.Callback):
+    """Hand the training loaders their position from the checkpoint a run resumes from.
+
+    Lightning stores a stateful loader's `state_dict()` in every checkpoint, but when
+    `configure_optimizers` reads `trainer.estimated_stepping_batches` (ours do: the schedule's
+    length) it sets the loaders up before the checkpoint is restored and never gives the state
+    back (Lightning issue #20550), so a mid-epoch resume would start its epoch over. This gives
+    it back before the first batch is drawn (a no-op where Lightning already did).
+    """
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, Any]] = []
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self.states = list(fit_loop.get("state_dict", {}).get("combined_loader", []))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        states, self.states = self.states, []
+        if not states or trainer.train_dataloader is None:
+            return
+        loaders = CombinedLoader(trainer.train_dataloader).flattened
+        stateful = [loader for loader in loaders if hasattr(loader, "load_state_dict")]
+        for loader, state in zip(stateful, states, strict=True):
+            loader.load_state_dict(state)
+
+
 class ProgressLog(L.Callback):
     """Training progress as log lines every `every` steps and after each validation: what a log
     redirected to a file (SLURM jobs, nohup) shows, where a terminal progress bar writes nothing."""
@@ -62,9 +116,16 @@ class ProgressLog(L.Callback):
             raise ValueError(f"progress every={every} must be >= 1")
         self.every = every
         self.started = time.monotonic()
+        self.first_batch: int | None = None  # this process's first batch of the epoch (> 0 after a resume)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = time.monotonic()
+        self.first_batch = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.first_batch is None:
+            self.first_batch, self.started = batch_idx, time.monotonic()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -73,7 +134,7 @@ class ProgressLog(L.Callback):
         if done % self.every and done != total:
             return
         loss = trainer.callback_metrics.get("train/loss")
-        seconds = (time.monotonic() - self.started) / done
+        seconds = (time.monotonic() - self.started) / (done - (self.first_batch or 0))
         log.info(
             "epoch %d step %d/%s (global step %d): train/loss %s, %.2f s/step",
             trainer.current_epoch,
