@@ -134,6 +134,34 @@ def test_run_killed_mid_epoch_resumes_from_the_batch_it_reached_to_the_same_resu
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=1e-6, rtol=0)
 
 
+class CrashInValidation(L.Callback):
+    """Dies as the validation after optimizer step `step` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_no_interval_checkpoint_before_a_validation_so_a_resume_runs_it(tmp_path):
+    """Validation after every 3rd batch: the step-3 save would resume past the step-3 validation
+    (Lightning does not repeat it), so the last save before it is step 2's, and the resumed run
+    validates at step 3 and reports on the same best checkpoint as the uninterrupted one."""
+    overrides = [*FAST, "seed=17", "checkpoints.interval.minutes=0", "trainer.val_check_interval=3"]
+    overrides += ["report_on=best", "checkpoints.best.mode=min"]
+    straight = train(compose_app("train", overrides, tmp_path / "straight" / "run"))
+    killed = tmp_path / "sweep" / "killed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_app("train", overrides, killed), extra_callbacks=[CrashInValidation(3)])
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    rerun = train(compose_app("train", [*overrides, "skip_done=true"], tmp_path / "sweep" / "rerun"))
+    assert rerun["resumed_from"] == str(killed / "checkpoints" / "last.ckpt")
+    assert Path(rerun["best_checkpoint"]).name == Path(straight["best_checkpoint"]).name
+    assert rerun["report"] == pytest.approx(straight["report"], abs=1e-6)
+
+
 def test_skip_done_rerun_of_a_staged_run_reuses_finished_stages_and_resumes_the_killed_one(tmp_path, monkeypatch):
     overrides = [*FAST, "experiment=retrained_baseline", "pruner=topk", "pruner.keep_ratio=0.5", "skip_done=true"]
     command = [*overrides, f"paths.root={tmp_path}"]  # what each stage is composed from

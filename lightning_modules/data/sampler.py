@@ -98,6 +98,8 @@ class ResumableLoader(DataLoader):
     resume: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # DataLoader's iterator, counted
+        # A generator: this body runs at the first batch, not at iter(). Lightning calls iter() when it
+        # sets the loader up, before it sets the sampler's epoch and before a resume's position is given.
         batches = self.batch_sampler
         assert isinstance(batches, OffsetBatchSampler) and isinstance(batches.sampler, BucketShuffleSampler)
         self.epoch = batches.sampler.epoch  # Lightning sets it before each pass

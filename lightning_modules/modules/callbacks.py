@@ -61,9 +61,12 @@ class IntervalCheckpoint(ModelCheckpoint):
     killed or preempted run loses at most that much work rather than up to a whole epoch.
 
     With the training loader's position in it (`data.sampler.ResumableLoader`), a resume continues
-    exactly where the checkpoint was taken. Saves wait for an optimizer step (a gradient being
-    accumulated is in no checkpoint) and skip an epoch's last batch (the epoch-end save follows).
-    `minutes=0` saves after every optimizer step. Other arguments: Lightning's `ModelCheckpoint`.
+    exactly where the checkpoint was taken. Saves wait for a batch that ends an optimizer step (a
+    gradient being accumulated is in no checkpoint) and is not followed by a validation (a run
+    resumed from such a save would skip that validation) or the epoch's end (the `last` checkpoint
+    is written there). The interval is wall time, validation included. `minutes=0` saves after
+    every such batch; `~checkpoints.interval` turns the saves off. Other arguments: Lightning's
+    `ModelCheckpoint`.
     """
 
     def __init__(self, minutes: float, **kwargs: Any) -> None:
@@ -74,8 +77,10 @@ class IntervalCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        epoch_loop, fetcher = trainer.fit_loop.epoch_loop, trainer.fit_loop._data_fetcher
+        assert fetcher is not None
         mid_accumulation = (batch_idx + 1) % trainer.accumulate_grad_batches != 0
-        if mid_accumulation or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if mid_accumulation or epoch_loop.batch_progress.is_last_batch or epoch_loop._should_check_val_fx(fetcher):
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
