@@ -102,14 +102,19 @@ def test_skip_done_rerun_resumes_an_interrupted_run_to_the_same_result(tmp_path)
     assert train(compose_app("train", other_seed, tmp_path / "sweep" / "s12"))["resumed_from"] is None
 
 
-class CrashMidEpoch(L.Callback):
-    """Dies as the batch of optimizer step `step` starts (after the interval checkpoint of the step before)."""
+class CrashAtStep(L.Callback):
+    """Dies as the batch of optimizer step `step` starts (after the interval checkpoint of the step
+    before), or with `in_validation` as the validation after step `step` starts."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, in_validation: bool = False) -> None:
+        self.step, self.in_validation = step, in_validation
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if not self.in_validation and trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.in_validation and trainer.global_step == self.step:
             raise RuntimeError("simulated crash")
 
 
@@ -120,7 +125,7 @@ def test_run_killed_mid_epoch_resumes_from_the_batch_it_reached_to_the_same_resu
     straight = train(compose_app("train", overrides, tmp_path / "straight" / "run"))
     killed = tmp_path / "sweep" / "killed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(compose_app("train", overrides, killed), extra_callbacks=[CrashMidEpoch(9)])
+        train(compose_app("train", overrides, killed), extra_callbacks=[CrashAtStep(9)])
     left = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
     assert left["global_step"] == 9 and left["epoch"] == 1
     assert left["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 3}]
@@ -134,17 +139,6 @@ def test_run_killed_mid_epoch_resumes_from_the_batch_it_reached_to_the_same_resu
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=1e-6, rtol=0)
 
 
-class CrashInValidation(L.Callback):
-    """Dies as the validation after optimizer step `step` starts."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_validation_start(self, trainer, pl_module):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_no_interval_checkpoint_before_a_validation_so_a_resume_runs_it(tmp_path):
     """Validation after every 3rd batch: the step-3 save would resume past the step-3 validation
     (Lightning does not repeat it), so the last save before it is step 2's, and the resumed run
@@ -154,7 +148,7 @@ def test_no_interval_checkpoint_before_a_validation_so_a_resume_runs_it(tmp_path
     straight = train(compose_app("train", overrides, tmp_path / "straight" / "run"))
     killed = tmp_path / "sweep" / "killed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(compose_app("train", overrides, killed), extra_callbacks=[CrashInValidation(3)])
+        train(compose_app("train", overrides, killed), extra_callbacks=[CrashAtStep(3, in_validation=True)])
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     rerun = train(compose_app("train", [*overrides, "skip_done=true"], tmp_path / "sweep" / "rerun"))
     assert rerun["resumed_from"] == str(killed / "checkpoints" / "last.ckpt")

@@ -69,9 +69,7 @@ class IntervalCheckpoint(ModelCheckpoint):
     `ModelCheckpoint`.
     """
 
-    def __init__(self, minutes: float, **kwargs: Any) -> None:
-        if not minutes >= 0:
-            raise ValueError(f"checkpoints.interval.minutes={minutes} must be >= 0 (0: after every optimizer step)")
+    def __init__(self, minutes: float, **kwargs: Any) -> None:  # >= 0: checked with the settings (apps/settings.py)
         super().__init__(train_time_interval=timedelta(minutes=minutes), **kwargs)
 
     def on_train_batch_end(
