@@ -16,8 +16,9 @@ from tokenprune.modules.base import TokenPruningModule
 from tokenprune.modules.metrics import PruningStats
 
 
-def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128) -> TaskDataModule:
-    """The task's data as the module was trained on it (task and tokenizer from its hparams)."""
+def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128, stage: str | None = None) -> TaskDataModule:
+    """The task's data as the module was trained on it (task and tokenizer from its hparams), set
+    up for `stage` (TaskDataModule.setup: its splits are prepared now, any other on first use)."""
     task, backbone = module.hparams.task, module.hparams.backbone
     datamodule = TaskDataModule(
         source=instantiate(task["source"]),
@@ -30,7 +31,7 @@ def datamodule_for(module: TokenPruningModule, eval_batch_size: int = 128) -> Ta
         num_labels=task["num_labels"],
         kind=task.get("kind", "classification"),
     )
-    datamodule.setup()
+    datamodule.setup(stage)
     return datamodule
 
 

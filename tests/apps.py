@@ -76,7 +76,7 @@ def report_lengths(run: dict) -> list[int]:
     longest first), tokenized as its checkpoint's task and tokenizer say."""
     settings = OmegaConf.load(Path(run["run_dir"]) / ".hydra" / "config.yaml")
     data = datamodule_for(load_module(run["last_checkpoint"]), int(settings.data.eval_batch_size))
-    return data.lengths["report"][: int(settings.trainer.limit_test_batches) * int(settings.data.eval_batch_size)]
+    return data.split_lengths("report")[: int(settings.trainer.limit_test_batches) * int(settings.data.eval_batch_size)]
 
 
 def topk_flops_ratio(dims: EncoderDims, lengths: list[int], keep_ratio: float, start_layer: int) -> float:

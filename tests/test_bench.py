@@ -154,7 +154,7 @@ def test_bench_on_the_report_split_at_real_lengths(tmp_path):
     )
     table = run_bench(cfg)
     pruned = table[table.variant == "engine_pruned"].iloc[0]
-    lengths = torch.tensor(datamodule_for(bench_module(cfg)).lengths["report"]).float()
+    lengths = torch.tensor(datamodule_for(bench_module(cfg)).split_lengths("report")).float()
     assert pruned.kept_tokens == [round(float(lengths.clamp(max=cap).mean()), 1) for cap in (20, 10, 5)]
     assert pruned.flops_speedup > 1.5 and pruned.length == "report"
 

@@ -68,10 +68,10 @@ def test_movie_dialog_packs_padding_free_blocks_deterministically():
     assert torch.equal(batch["labels"], batch["input_ids"])
     tokenizer = data.tokenizer
     first = tokenizer(texts["val"][0], add_special_tokens=False)["input_ids"]
-    stream = data.splits["val"][:]["input_ids"].flatten().tolist()
+    stream = data.split("val")[:]["input_ids"].flatten().tolist()
     assert stream[: len(first) + 1] == [*first, tokenizer.sep_token_id], "each text ends with the separator"
-    assert data.lengths["val"] == [24] * len(data.splits["val"])
-    assert torch.equal(packed().splits["report"][:]["input_ids"], data.splits["report"][:]["input_ids"])
+    assert data.split_lengths("val") == [24] * len(data.split("val"))
+    assert torch.equal(packed().split("report")[:]["input_ids"], data.split("report")[:]["input_ids"])
 
 
 def test_gpt2_positions_bound_the_task_length(tmp_path):

@@ -68,7 +68,7 @@ def test_hub_source_and_datamodule_on_local_copy(tmp_path, columns, label_featur
     loader = lambda: sources.hub("nyu-mll/glue", "x", local_path=local, val_fraction=0.25)
     module = TaskDataModule(loader, TOKENIZER, columns, max_length=16, batch_size=4, eval_batch_size=8)
     module.setup()
-    assert [len(module.splits[s]) for s in sources.SPLITS] == [30, 10, 10]
+    assert [len(module.split(s)) for s in sources.SPLITS] == [30, 10, 10]
     batch = next(iter(module.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 16
     if len(columns) == 2:
@@ -86,6 +86,28 @@ def test_empty_and_whitespace_texts_become_cls_sep():
     module.setup()
     lengths = [int(b["attention_mask"].sum()) for b in module.train_dataloader()]
     assert sorted(lengths) == [2, 2, 3]
+
+
+def test_a_stage_tokenizes_only_the_splits_it_reads_and_still_checks_every_label():
+    """A bench or search (stage `test`/`validate`) never tokenizes the training split, a split
+    first used later is tokenized then, and a bad label in an unread split is still refused."""
+    texts = {"train": ["train text"] * 3, "val": ["val text"] * 2, "report": ["report text"] * 2}
+    split = DatasetDict({name: Dataset.from_dict({"text": t, "label": [0] * len(t)}) for name, t in texts.items()})
+    module = TaskDataModule(lambda: split, TOKENIZER, ["text"], max_length=8, eval_batch_size=2)
+    tokenizer, seen = module.tokenizer, []
+
+    def counting(texts, *args, **kwargs):
+        seen.extend(texts)
+        return tokenizer(texts, *args, **kwargs)
+
+    module.tokenizer = counting
+    module.setup("test")
+    assert seen == texts["report"] and len(next(iter(module.test_dataloader()))["input_ids"]) == 2
+    assert module.split_lengths("val") == [4, 4] and seen == texts["report"] + texts["val"]
+    bad = DatasetDict({**split, "train": split["train"].map(lambda row: {"label": 5})})
+    unread = TaskDataModule(lambda: bad, TOKENIZER, ["text"], max_length=8, num_labels=2)
+    with pytest.raises(ValueError, match=r"train split row 0 has label 5 outside \[0, 2\)"):
+        unread.setup("test")
 
 
 def test_spam_assassin_is_long_documents_at_the_task_length():

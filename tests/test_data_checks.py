@@ -75,7 +75,7 @@ def test_wikitext_reads_its_own_validation_split_and_packs_no_blank_lines(tmp_pa
     data.setup()
     separator = data.tokenizer.eos_token_id or data.tokenizer.sep_token_id  # end of each text
     for name, split in (("train", "train"), ("val", "validation"), ("report", "test")):
-        stream = data.splits[name]["input_ids"][:].flatten().tolist()
+        stream = data.split(name)["input_ids"][:].flatten().tolist()
         expected = [
             t
             for line in words[split]

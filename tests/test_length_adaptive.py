@@ -163,7 +163,7 @@ def test_search_space_and_analytic_flops_follow_the_length_unit(unit, longest):
 def test_evolution_front_genes_are_valid_and_logged(tmp_path, lat_checkpoint):
     result = run_search(search_cfg(tmp_path, lat_checkpoint, "evo"))
     candidates = result["candidates"]
-    longest = max(datamodule_for(load_module(lat_checkpoint)).lengths["val"])
+    longest = max(datamodule_for(load_module(lat_checkpoint)).split_lengths("val"))
     for gene in candidates.gene:
         assert list(gene) == sorted(gene, reverse=True) and min(gene) >= 1 and max(gene) <= longest
     assert [longest] * 3 in candidates.gene.tolist(), "the full gene: longer token caps change nothing"

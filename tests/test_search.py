@@ -127,6 +127,6 @@ def test_summary_json_is_written(tmp_path, checkpoint):
     # and the full model's FLOPs per example at the report split's lengths (a constant-class model
     # scores the same on the val split, whose class counts are the report split's)
     module = load_module(checkpoint)
-    lengths = torch.tensor(datamodule_for(module).lengths["report"])
+    lengths = torch.tensor(datamodule_for(module).split_lengths("report"))
     expected_gflops = 2 * float(unpruned_macs(module.dims, lengths).mean()) / 1e9
     assert summary["report_unpruned_gflops"] == pytest.approx(expected_gflops, rel=1e-9)

@@ -18,8 +18,8 @@ from PIL import Image
 from wandb_files import runs_under
 
 from tokenprune.apps.bench import measure_and_write
+from tokenprune.apps.options import GROUP_ENV
 from tokenprune.apps.report import sweep_mode, wandb_report
-from tokenprune.apps.runs import GROUP_ENV
 from tokenprune.apps.search import run_search
 from tokenprune.apps.train import train
 

@@ -279,7 +279,7 @@ def test_joint_search_front_flops_and_bench_commands(that_run, tmp_path):
     row = candidates.loc[candidates.heads.map(sum).idxmax()]
     measured = evaluate(module, data.val_dataloader(), module.build_pruner(row.pruner))
     assert measured["flops_ratio"] == pytest.approx(row.flops_ratio, rel=1e-6), "trace FLOPs = analytic gene FLOPs"
-    context = SearchContext(module.dims, module.pruner, data.lengths["val"], lambda *a, **k: {})
+    context = SearchContext(module.dims, module.pruner, data.split_lengths("val"), lambda *a, **k: {})
     assert context.gene_flops((tuple(row.gene), tuple(row.heads))) == pytest.approx(row.flops_ratio, rel=1e-9)
     front = pd.read_csv(tmp_path / "joint" / "front.csv")
     assert front.bench.str.contains("pruner=token_head_adaptive").all()

@@ -32,13 +32,13 @@ from torch import Tensor
 from transformers import AutoTokenizer
 
 from tokenprune.allocator import keep_freed_memory
+from tokenprune.apps.options import refusals_as_messages
 from tokenprune.apps.runs import TRAINING_RUN_KEY, build_loggers, one_run
 from tokenprune.apps.settings import (
     BENCH,
     check_settings,
     claimed_run_dir,
     nothing_left_if_refused,
-    refusals_as_messages,
 )
 from tokenprune.backbones import tokenizer_location
 from tokenprune.checkpoints import read_checkpoint
@@ -101,7 +101,7 @@ def bench_batches(
     (`length` already passed check_length, before the first cell)."""
     backbone = module.hparams["backbone"]
     if length == REPORT_SPLIT:
-        loader = datamodule_for(module, batch_size).test_dataloader()
+        loader = datamodule_for(module, batch_size, "test").test_dataloader()
         return [{k: v for k, v in batch.items() if k != "labels"} for batch in loader]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(backbone))
     return [packed_batch(tokenizer, texts, batch_size, length)]
@@ -207,7 +207,7 @@ def run_training_bench(cfg: DictConfig) -> pd.DataFrame:
         modules = {stage: instantiate(cfg.module, stage=stage).to(device).train() for stage in stages}
         data = instantiate(cfg.data)
     with claimed_run_dir(Path(cfg.paths.output_dir), cfg, BENCH_OUTPUTS, "bench"):
-        data.setup()
+        data.setup("fit")
         batches = [
             {key: value.to(device) for key, value in batch.items()}
             for _, batch in zip(range(cfg.train_batches), data.train_dataloader())

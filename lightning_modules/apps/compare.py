@@ -19,8 +19,7 @@ from pathlib import Path
 import pandas as pd
 import wandb
 
-from tokenprune.apps.runs import GROUP_ENV
-from tokenprune.apps.settings import fractions
+from tokenprune.apps.options import GROUP_ENV, fractions
 from tokenprune.search.pareto import plot_pareto
 
 

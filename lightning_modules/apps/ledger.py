@@ -24,7 +24,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tokenprune.apps.settings import integer_set, refusals_as_messages
+from tokenprune.apps.options import integer_set, refusals_as_messages
 from tokenprune.apps.table import RESULTS, TABLE_INPUTS, saved_run
 
 SETTINGS = Path(".hydra") / "config.yaml"  # a run's resolved settings: its run_name, task, pruner

@@ -26,7 +26,8 @@ import wandb
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tokenprune.apps.runs import GROUP_ENV, multirun_group
+from tokenprune.apps.options import GROUP_ENV
+from tokenprune.apps.runs import multirun_group
 from tokenprune.search.pareto import pareto_front, plot_pareto
 
 OVERRIDES = Path(".hydra") / "overrides.yaml"

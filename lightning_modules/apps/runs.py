@@ -32,9 +32,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from tokenprune.apps.options import GROUP_ENV
 from tokenprune.checkpoints import read_checkpoint
 
-GROUP_ENV = "TOKENPRUNE_GROUP"
 TRAINING_RUN_KEY = "tokenprune_training_run"
 JOB_TYPES = ("train", "search", "bench", "compare")
 

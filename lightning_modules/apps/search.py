@@ -33,13 +33,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from tokenprune.allocator import keep_freed_memory
+from tokenprune.apps.options import refusals_as_messages
 from tokenprune.apps.runs import build_loggers, log_files_artifact, one_run, training_run_of
 from tokenprune.apps.settings import (
     SEARCH,
     check_settings,
     claimed_run_dir,
     nothing_left_if_refused,
-    refusals_as_messages,
 )
 from tokenprune.config import plain_errors
 from tokenprune.modules.loading import load_module
@@ -101,7 +101,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
     with claimed_run_dir(Path(cfg.paths.output_dir), cfg, SEARCH_OUTPUTS, "search"):
         torch.set_num_threads(int(cfg.threads))
         module = module.to(torch.device(cfg.device))
-        data = datamodule_for(module, cfg.eval_batch_size)
+        data = datamodule_for(module, cfg.eval_batch_size, "validate")
         store = CandidateStore(cache_path(cfg))
         main = module.hparams["task"]["main_metric"]
         mode = module.hparams["task"].get("main_mode", "max")
@@ -129,7 +129,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         @functools.cache
         def timing_batches() -> list[dict[str, Tensor]]:
             """The report split in batches of measure.batch_size, tokenized once per search."""
-            loader = datamodule_for(module, int(cfg.measure.batch_size)).test_dataloader()
+            loader = datamodule_for(module, int(cfg.measure.batch_size), "test").test_dataloader()
             return [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
 
         def measure(pruner_cfgs: list[dict[str, Any]], batches: list[dict[str, Tensor]] | None = None) -> list[float]:
@@ -143,7 +143,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         def latency_batches() -> list[dict[str, Tensor]]:
             """A fixed sample of the val split: measure.search_batches batches spread over its
             length-sorted batches, so every length range is timed."""
-            loader = datamodule_for(module, int(cfg.measure.batch_size)).val_dataloader()
+            loader = datamodule_for(module, int(cfg.measure.batch_size), "validate").val_dataloader()
             batches = [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
             picks = np.unique(np.linspace(0, len(batches) - 1, int(cfg.measure.search_batches)).round().astype(int))
             return [batches[i] for i in picks]
@@ -163,7 +163,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             ]
 
         context = SearchContext(
-            module.dims, template, data.lengths["val"], score, module.pruner, measure, main, mode, latency
+            module.dims, template, data.split_lengths("val"), score, module.pruner, measure, main, mode, latency
         )
         candidates = pd.DataFrame(strategy.run(context))
         front = pareto_front(candidates, "score", strategy.efficiency, mode)

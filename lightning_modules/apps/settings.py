@@ -14,13 +14,10 @@ last.ckpt); any other run is refused. DDP ranks other than 0 claim nothing and w
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,22 +188,6 @@ def claimed_run_dir(run_dir: Path, cfg: DictConfig, outputs: Sequence[str], app:
         handler.close()
 
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
-
-
-@contextmanager
-def refusals_as_messages() -> Iterator[None]:
-    """A refused setting or file ends the app with its one-line message and exit code 1, not a
-    traceback (set TOKENPRUNE_TRACEBACK=1 to see one)."""
-    try:
-        yield
-    except USER_ERRORS as error:
-        if os.environ.get("TOKENPRUNE_TRACEBACK"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-
-
 @contextmanager
 def nothing_left_if_refused(run_dir: Path, stop: Path) -> Iterator[None]:
     """Hydra creates the run folder before the app starts; when the app fails before writing
@@ -220,32 +201,3 @@ def nothing_left_if_refused(run_dir: Path, stop: Path) -> Iterator[None]:
             folder.rmdir()
             folder = folder.parent
         raise
-
-
-def fractions(option: str) -> Callable[[str], list[float]]:
-    """An argparse type: comma-separated relative-FLOPs levels, each in (0, 1]; a bad value is
-    reported naming `option`."""
-
-    def parse(text: str) -> list[float]:
-        try:
-            values = [float(item) for item in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option}={text}: give comma-separated numbers in (0, 1]") from None
-        if any(not 0 < value <= 1 for value in values):
-            raise argparse.ArgumentTypeError(f"{option}={text}: each level must be in (0, 1]")
-        return values
-
-    return parse
-
-
-def integer_set(option: str) -> Callable[[str], set[int]]:
-    """An argparse type: comma-separated integers such as seeds (`1,3` -> {1, 3}); a bad value is
-    reported naming `option`."""
-
-    def parse(text: str) -> set[int]:
-        try:
-            return {int(item) for item in text.split(",")}
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option}={text}: give comma-separated integers, e.g. 1,3") from None
-
-    return parse

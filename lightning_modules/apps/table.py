@@ -38,8 +38,7 @@ import pandas as pd
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
-from tokenprune.apps.runs import GROUP_ENV
-from tokenprune.apps.settings import fractions
+from tokenprune.apps.options import GROUP_ENV, fractions
 from tokenprune.search.pareto import plot_pareto
 
 RUN_NAME = re.compile(r"^(?P<method>.+)-s(?P<seed>\d+)$")

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tokenprune.allocator import keep_freed_memory
 from tokenprune.apps.cluster import process_rank, trainer_plugins
+from tokenprune.apps.options import refusals_as_messages
 from tokenprune.apps.runs import (
     TRAINING_RUN_KEY,
     build_loggers,
@@ -42,7 +43,6 @@ from tokenprune.apps.settings import (
     claimed_run_dir,
     leaves,
     nothing_left_if_refused,
-    refusals_as_messages,
 )
 from tokenprune.backbones import assert_same_backbone, load_config
 from tokenprune.checkpoints import read_checkpoint

@@ -25,6 +25,13 @@ from tokenprune.data.sources import SPLITS
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 # task.kind: `classification` (sequence or, with token_level, token labels) or `causal_lm`.
 TASK_KINDS = ("classification", "causal_lm")
+# The splits each Lightning stage reads, prepared by setup(stage): training reports on `report` after fitting.
+STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
+    "fit": SPLITS,
+    "validate": ("val",),
+    "test": ("report",),
+    "predict": ("report",),
+}
 
 
 def end_of_text_id(tokenizer: PreTrainedTokenizerBase, setting: str) -> int:
@@ -113,8 +120,9 @@ class TaskDataModule(L.LightningDataModule):
                 f"task.kind=causal_lm needs one text column and no token_level; got "
                 f"task.text_columns={self.text_columns}, task.token_level={token_level}"
             )
-        self.splits: DatasetDict | None = None
-        self.lengths: dict[str, list[int]] = {}
+        self.raw: DatasetDict | None = None
+        self._splits: dict[str, Dataset] = {}
+        self._lengths: dict[str, list[int]] = {}
         self.collate: Callable = (
             default_data_collator
             if kind == "causal_lm"
@@ -124,19 +132,35 @@ class TaskDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits is not None:
-            return
-        raw = self.source()
-        missing = [name for name in SPLITS if name not in raw]
-        if missing:
-            raise ValueError(f"task source returned splits {list(raw)}; missing {missing}")
-        self._check_columns(raw["train"])
-        if self.kind == "causal_lm":
-            self.splits = DatasetDict({name: self._pack(raw[name], name) for name in SPLITS})
-            return
-        for name in SPLITS:
-            self._check_labels(raw[name], name)
-        self.splits = DatasetDict({name: self._tokenize(raw[name], name) for name in SPLITS})
+        """Load the task source, check every split's columns and labels, and prepare the splits
+        `stage` reads (STAGE_SPLITS; None: all); any other split is prepared on first use, so a
+        bench or a search never tokenizes the training split. `fit` prepares all three, the
+        report split included: a training run reports on it, and a bad one fails before training."""
+        if self.raw is None:
+            raw = self.source()
+            missing = [name for name in SPLITS if name not in raw]
+            if missing:
+                raise ValueError(f"task source returned splits {list(raw)}; missing {missing}")
+            self._check_columns(raw["train"])
+            if self.kind != "causal_lm":
+                for name in SPLITS:
+                    self._check_labels(raw[name], name)
+            self.raw = raw
+        for name in STAGE_SPLITS.get(stage, SPLITS):
+            self.split(name)
+
+    def split(self, name: str) -> Dataset:
+        """Split `name` tokenized (packed into blocks for causal LM), made on first use."""
+        assert self.raw is not None, "call setup() first"
+        if name not in self._splits:
+            prepare = self._pack if self.kind == "causal_lm" else self._tokenize
+            self._splits[name] = prepare(self.raw[name], name)
+        return self._splits[name]
+
+    def split_lengths(self, name: str) -> list[int]:
+        """Tokens per example of split `name`, in its order (evaluation splits: longest first)."""
+        self.split(name)
+        return self._lengths[name]
 
     def _check_columns(self, split: Dataset) -> None:
         """The task's text columns (and label column, but for causal LM) are the source's."""
@@ -182,7 +206,7 @@ class TaskDataModule(L.LightningDataModule):
         encoded = split.map(encode, batched=True, remove_columns=split.column_names, desc="tokenizing")
         if name != "train":
             encoded = encoded.sort("length", reverse=True)
-        self.lengths[name] = list(encoded["length"])
+        self._lengths[name] = list(encoded["length"])
         encoded.set_format("torch", columns=[name for name in MODEL_INPUTS if name in encoded.column_names])
         return encoded
 
@@ -203,22 +227,20 @@ class TaskDataModule(L.LightningDataModule):
             )
         ids = stream[: blocks * self.max_length].reshape(blocks, self.max_length)
         packed = Dataset.from_dict({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids})
-        self.lengths[name] = [self.max_length] * blocks
+        self._lengths[name] = [self.max_length] * blocks
         packed.set_format("torch")
         return packed
 
     def _eval_loader(self, split: str) -> DataLoader:
-        assert self.splits is not None, "call setup() first"
         return DataLoader(
-            self.splits[split], batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=self.num_workers
+            self.split(split), batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=self.num_workers
         )
 
     def train_dataloader(self, shard: bool = True) -> DataLoader:
         """The training batches of this process (under DDP: its share), or with `shard=False` all
         of them (one pass over the whole split: ACC's profile, head importance)."""
-        assert self.splits is not None, "call setup() first"
-        train = self.splits["train"]
-        order = BucketShuffleSampler(self.lengths["train"], self.batch_size, seed=self.seed, shard=shard)
+        train = self.split("train")
+        order = BucketShuffleSampler(self.split_lengths("train"), self.batch_size, seed=self.seed, shard=shard)
         batches = OffsetBatchSampler(order, self.batch_size, drop_last=False)
         return ResumableLoader(train, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
 
