@@ -43,17 +43,15 @@ def _project(
     scale: float,
     slicer: HeadSlicer,
     kernels: PassKernels,
-    head_major: bool,
 ) -> tuple[Tensor, ...]:
-    """Projections that read the rows x (R, d) (Q and K, or Q, K and V), each (B, h, n, d_h) for
-    the rows of `heads`, from one GEMM; the first one times `scale`. x holds the rows `rows` of the
-    (B, n) `layout` (None: all of them, in order); the other rows' projections are zero. head_major:
-    copied once into contiguous head-major blocks (eager attention reads them in place), else
-    strided views."""
+    """Projections that read the rows x (R, d) (Q and K, or Q, K and V), each a strided (B, h, n, d_h)
+    view for the rows of `heads`, from one GEMM; the first one times `scale`. x holds the rows `rows`
+    of the (B, n) `layout` (None: all of them, in order); the other rows' projections are zero. Eager
+    attention copies what it reads head-major itself, chunk by chunk (engine/attention.py)."""
     weight, bias = slicer.stacked_rows(projections, heads, scale)
     out = _unpack(kernels.linear(x, weight, bias), rows, layout).unflatten(-1, (len(projections), -1, slicer.head_dim))
     out = out.permute(2, 0, 3, 1, 4)  # (projection, B, h, n, d_h)
-    return (out.contiguous() if head_major else out).unbind(0)
+    return out.unbind(0)
 
 
 def _out_project(
@@ -224,17 +222,16 @@ class PrunableEncoder:
                 query_key_input, value_input, residual = inputs(x)
         # the softmax scale is folded into the query rows: every attention below uses scale 1
         scale = parts.scale if parts.scale is not None else slicer.head_dim**-0.5
-        eager = pruner is not None and pruner.needs_scores  # attention probabilities computed here
         # a pruning layer's out-projection and FFN read the kept rows of x and the residual (below)
         finish_inputs = (x, residual) if pruner is None else ()
         qk_rows, v_rows, *finish_rows = _computed_rows((query_key_input, value_input, *finish_inputs), rows)
         if value_input is query_key_input:
             query, key, value = _project(
-                (parts.query, parts.key, parts.value), qk_rows, layout, rows, heads, scale, slicer, kernels, eager
+                (parts.query, parts.key, parts.value), qk_rows, layout, rows, heads, scale, slicer, kernels
             )
         else:
-            query, key = _project((parts.query, parts.key), qk_rows, layout, rows, heads, scale, slicer, kernels, eager)
-            (value,) = _project((parts.value,), v_rows, layout, rows, heads, 1.0, slicer, kernels, eager)
+            query, key = _project((parts.query, parts.key), qk_rows, layout, rows, heads, scale, slicer, kernels)
+            (value,) = _project((parts.value,), v_rows, layout, rows, heads, 1.0, slicer, kernels)
         if heads is not None and bias.shape[1] > 1:  # a per-head bias (T5): the kept heads' rows
             bias = bias[:, heads]
         n_in = state.lengths
