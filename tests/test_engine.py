@@ -222,7 +222,7 @@ def test_layer_drop_skips_layers_and_costs_nothing():
 def test_chunked_attention_equals_whole_batch(chunk_elements, chunks, monkeypatch):
     """attention_with_scores over batch chunks = whole-batch softmax attention, incl. padding;
     a chunk holds CHUNK_ELEMENTS // (heads * n * n) rows (here 4 * 9 * 9 = 324 per row), the last
-    one what is left."""
+    one what is left; Q/K/V strided, as the projections leave them."""
     monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk_elements)
     rows_per_call: list[int] = []
     real = attention.softmax_attention
@@ -230,7 +230,9 @@ def test_chunked_attention_equals_whole_batch(chunk_elements, chunks, monkeypatc
         attention, "softmax_attention", lambda q, *rest: rows_per_call.append(q.shape[0]) or real(q, *rest)
     )
     generator = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(3, 4, 9, 8, generator=generator) for _ in range(3))
+    # strided views of one (B, n, 3, h, d_h) projection output, as the engine passes them
+    query, key, value = torch.randn(3, 9, 3, 4, 8, generator=generator).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not query.is_contiguous()
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, 5:] = False
     mask[2] = False  # an all-padding row

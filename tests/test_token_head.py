@@ -21,6 +21,7 @@ from tokenprune.apps.bench import run_bench
 from tokenprune.apps.search import run_search
 from tokenprune.apps.train import train
 from tokenprune.checkpoints import read_checkpoint
+from tokenprune.data.datamodule import TaskDataModule
 from tokenprune.engine import PrunableEncoder
 from tokenprune.engine.flops import EncoderDims, encoder_macs, paper_macs, unpruned_macs
 from tokenprune.modules.loading import load_module
@@ -328,9 +329,15 @@ def test_latency_objective_search_runs_and_caches_timings_per_device(that_run, t
         "measure.search_batches=2",
     ]
     measured = record_speedup_timings(monkeypatch)
+    tokenized: list[str] = []
+    tokenize = TaskDataModule._tokenize
+    monkeypatch.setattr(
+        TaskDataModule, "_tokenize", lambda data, split, name: tokenized.append(name) or tokenize(data, split, name)
+    )
     result = run_search(compose_app("search", overrides, tmp_path / "latency"))
     candidates = result["candidates"]
     assert "latency_ratio" in result["front"]
+    assert sorted(tokenized) == ["report", "val"], "scores and timings share one tokenization per split"
     assert [list(timings) for timings in measured] == [["hf_sdpa", "config_0"]] * len(candidates)
     # each candidate's time over the stock model's, on the same batches, interleaved
     ratios = [timings["config_0"]["median_s"] / timings["hf_sdpa"]["median_s"] for timings in measured]

@@ -129,7 +129,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         @functools.cache
         def timing_batches() -> list[dict[str, Tensor]]:
             """The report split in batches of measure.batch_size, tokenized once per search."""
-            loader = datamodule_for(module, int(cfg.measure.batch_size), "test").test_dataloader()
+            loader = data.eval_dataloader("report", int(cfg.measure.batch_size))
             return [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
 
         def measure(pruner_cfgs: list[dict[str, Any]], batches: list[dict[str, Tensor]] | None = None) -> list[float]:
@@ -143,7 +143,7 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
         def latency_batches() -> list[dict[str, Tensor]]:
             """A fixed sample of the val split: measure.search_batches batches spread over its
             length-sorted batches, so every length range is timed."""
-            loader = datamodule_for(module, int(cfg.measure.batch_size), "validate").val_dataloader()
+            loader = data.eval_dataloader("val", int(cfg.measure.batch_size))
             batches = [{k: v.to(module.device) for k, v in b.items() if k != "labels"} for b in loader]
             picks = np.unique(np.linspace(0, len(batches) - 1, int(cfg.measure.search_batches)).round().astype(int))
             return [batches[i] for i in picks]

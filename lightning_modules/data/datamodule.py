@@ -231,9 +231,14 @@ class TaskDataModule(L.LightningDataModule):
         packed.set_format("torch")
         return packed
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Split `split` in its stored (length-sorted) order, in batches of `batch_size`
+        (None: eval_batch_size)."""
         return DataLoader(
-            self.split(split), batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=self.num_workers
+            self.split(split),
+            batch_size=batch_size or self.eval_batch_size,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
         )
 
     def train_dataloader(self, shard: bool = True) -> DataLoader:
@@ -245,7 +250,7 @@ class TaskDataModule(L.LightningDataModule):
         return ResumableLoader(train, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("report")
+        return self.eval_dataloader("report")

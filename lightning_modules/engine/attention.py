@@ -31,8 +31,8 @@ def _head_major(tensor: Tensor, scale: float = 1.0) -> Tensor:
     batched matmul cannot read in place: it copies them, a transposed key element by element.
     Copied head-major (K then read transposed in place), QK^T took 0.6-0.8x and PV 0.7-1.0x the
     time at MiniLM shapes, 25-100 tokens x 32 rows; copied per chunk rather than for the whole
-    batch at once, the copy is still in cache when read: whole passes 0.95-0.98x the time on
-    217-token inputs, the same at 26 tokens (README "Measured")."""
+    batch at once, the copy is still in cache when read: whole passes 0.95-0.99x the time on
+    217-token inputs, 0.995x at 26 tokens (README "Measured")."""
     if scale == 1.0:
         return tensor.contiguous()
     if torch.is_grad_enabled() and tensor.requires_grad:

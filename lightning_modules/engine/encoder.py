@@ -47,7 +47,8 @@ def _project(
     """Projections that read the rows x (R, d) (Q and K, or Q, K and V), each a strided (B, h, n, d_h)
     view for the rows of `heads`, from one GEMM; the first one times `scale`. x holds the rows `rows`
     of the (B, n) `layout` (None: all of them, in order); the other rows' projections are zero. Eager
-    attention copies what it reads head-major itself, chunk by chunk (engine/attention.py)."""
+    attention copies what it reads head-major itself (engine/attention.py): chunk by chunk at
+    inference, the whole batch in training."""
     weight, bias = slicer.stacked_rows(projections, heads, scale)
     out = _unpack(kernels.linear(x, weight, bias), rows, layout).unflatten(-1, (len(projections), -1, slicer.head_dim))
     out = out.permute(2, 0, 3, 1, 4)  # (projection, B, h, n, d_h)
