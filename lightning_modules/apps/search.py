@@ -111,9 +111,8 @@ def run_search(cfg: DictConfig) -> dict[str, Any]:
             if identity in store:
                 return {**store.get(identity), "candidate": key}
             pruner = module.build_pruner(pruner_cfg)
-            loader = data.val_dataloader() if split == "val" else data.test_dataloader()
             torch.manual_seed(evaluation_seed(identity))
-            result = evaluate(module, loader, pruner, desc=f"{split} {key}")
+            result = evaluate(module, data.eval_dataloader(split), pruner, desc=f"{split} {key}")
             return store.add(
                 identity, {"candidate": key, "split": split, "score": result[main], **result, "pruner": pruner_cfg}
             )
