@@ -75,6 +75,9 @@ def test_table_takes_each_seeds_point_at_every_level_and_joins_benches(tmp_path)
     assert benched.iloc[0].measured_speedup == pytest.approx(cell["seq_per_s"] / stock["seq_per_s"], rel=1e-12)
     assert benched.iloc[0].flops_ratio == pytest.approx(1 / cell["flops_speedup"], abs=0.005)
     assert len(again["plan"]) == len(plan) - 1, "a benched point leaves the plan"
+    measured = again["table"].dropna(subset=["measured_over_flops"])
+    assert len(measured) and (measured.benched_seeds == 1).all() and (measured.seeds == 2).all()
+    assert "1 of 2 seeds benched)" in again["markdown"], "a ratio from one seed's point says so"
     model = device_name(torch.device("cpu")).rsplit(":", 1)[0]  # cpu:<model name>
     assert again["devices"] == [f"{model}:{bench_cfg.threads} threads, allocator: {keep_freed_memory()}"]
 

@@ -194,6 +194,7 @@ LEVEL_COLUMNS = [
     "flops_ratio",
     "measured_speedup",
     "measured_over_flops",
+    "benched_seeds",
 ]
 
 
@@ -216,6 +217,7 @@ def level_table(points: pd.DataFrame, levels: list[float], unpruned: pd.Series) 
                     "flops_ratio": group.flops_ratio.mean(),
                     "measured_speedup": speedup.mean() if len(speedup) else np.nan,
                     "measured_over_flops": (speedup / flops_speedup).mean() if len(speedup) else np.nan,
+                    "benched_seeds": len(speedup),
                 }
             )
     return pd.DataFrame(rows, columns=LEVEL_COLUMNS)  # the columns also when no method reaches a level
@@ -267,12 +269,21 @@ def unpruned_line(unpruned: pd.Series) -> str:
     return f"Unpruned: {mean_std(unpruned.mean(), spread)} over {seeds} seed{'s' if seeds > 1 else ''}"
 
 
+def speed_text(row: Any) -> str:
+    """A level row's measured / FLOPs speedup, naming how many of its seeds' points were benched when
+    not all were (the ratio then describes those points, not the row's mean FLOPs)."""
+    if np.isnan(row.measured_over_flops):
+        return "not benched"
+    partial = f", {row.benched_seeds} of {row.seeds} seeds benched" if row.benched_seeds < row.seeds else ""
+    return f"{row.measured_over_flops:.2f}{partial}"
+
+
 def by_level(table: pd.DataFrame) -> pd.DataFrame:
     """Method x level, each cell `accuracy @ FLOPs ratio (measured / FLOPs)`, as one reads a front."""
     cells = table.assign(
         cell=[
             f"{mean_std(row.accuracy_mean, row.accuracy_std)} @{row.flops_ratio:.3f}"
-            + (f" ({row.measured_over_flops:.2f})" if not np.isnan(row.measured_over_flops) else "")
+            + (f" ({speed_text(row)})" if not np.isnan(row.measured_over_flops) else "")
             for row in table.itertuples()
         ]
     )
@@ -298,7 +309,8 @@ def markdown(table: pd.DataFrame, lossless: pd.DataFrame, unpruned: pd.Series) -
     return (
         f"{unpruned_line(unpruned)}\n\n"
         "## Accuracy at relative-FLOPs levels\n\n"
-        "Each cell: report accuracy (mean +- std over seeds) @ relative FLOPs (measured / FLOPs speedup).\n\n"
+        "Each cell: report accuracy (mean +- std over seeds) @ relative FLOPs (measured / FLOPs speedup, "
+        "averaged over the seeds whose chosen point was benched).\n\n"
         f"{levels}\n\n"
         f"## Fewest FLOPs without loss\n\n{missing_as_dash(lossless)}\n"
     )
@@ -327,7 +339,7 @@ def summary_row(method: str, built: dict[str, Any], level: float) -> str:
     else:
         row = at.iloc[0]
         accuracy = f"{mean_std(row.accuracy_mean, row.accuracy_std)} ({100 * row.delta_vs_unpruned:+.1f} pt)"
-        speed = "not benched" if np.isnan(row.measured_over_flops) else f"{row.measured_over_flops:.2f}"
+        speed = speed_text(row)
     return (
         f"| {method} | {accuracy} | {speed} | {flops} ({seeds_lossless} of {seeds} seeds) "
         f"| {PUBLISHED.get(method, '')} |"
