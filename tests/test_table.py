@@ -20,6 +20,7 @@ from tokenprune.apps.ledger import SETTINGS, export, ledger_files
 from tokenprune.apps.search import run_search
 from tokenprune.apps.table import (
     TABLE_INPUTS,
+    at_level,
     build,
     level_table,
     lossless_flops,
@@ -157,6 +158,20 @@ def test_the_page_counts_lossless_seeds_marks_methods_not_run_and_refuses_mixed_
     mixed = pd.DataFrame({"task": ["rt_sentiment", "sms_spam", None]})
     with pytest.raises(ValueError, match="several task settings.*one table per task"):
         one_setting(mixed, "task")
+
+
+def test_of_points_tied_on_flops_the_level_takes_the_measured_one():
+    def point(method: str, score: float, flops: float, measured: float = np.nan) -> dict:
+        return {"method": method, "seed": 1, "score": score, "flops_ratio": flops, "measured_speedup": measured}
+
+    trained, tuned = point("acc", 0.99, 0.45 + 1e-8), point("acc", 0.99, 0.45, 2.1)  # training in float32
+    for order in ([trained, tuned], [tuned, trained]):
+        others = [point("acc", 0.98, 0.4, 2.4), point("acc", 0.9, 0.6, 1.5)]
+        points = pd.DataFrame([point("unpruned", 1.0, 1.0), *order, *others])
+        (chosen,) = at_level(points[points.method == "acc"], 0.5).itertuples()
+        assert (chosen.flops_ratio, chosen.measured_speedup) == (0.45, 2.1), "one coefficient, two records"
+        (row,) = level_table(points, [0.5], unpruned_scores(points)).itertuples()
+        assert row.benched_seeds == 1 and row.measured_over_flops == pytest.approx(2.1 * 0.45)
 
 
 def test_git_keeps_every_file_a_ledger_holds():

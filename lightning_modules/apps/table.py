@@ -174,9 +174,13 @@ def with_benches(points: pd.DataFrame, benches: pd.DataFrame, tolerance: float =
 
 
 def at_level(points: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Per method and seed, the point with the most FLOPs at or below `level`."""
+    """Per method and seed, the point with the most FLOPs at or below `level`. Points whose FLOPs agree
+    to 6 decimals are one configuration recorded twice (ACC's training point, in float32, and its
+    offline tuning's row at the same coefficient): of those, a measured one."""
     within = points[points.flops_ratio <= level + 1e-9]
-    return within.sort_values("flops_ratio").groupby(["method", "seed"]).tail(1)
+    tie_break = {"same_flops": within.flops_ratio.round(6), "measured": within.measured_speedup.notna()}
+    ranked = within.assign(**tie_break).sort_values(list(tie_break), kind="stable")
+    return ranked.groupby(["method", "seed"]).tail(1).drop(columns=list(tie_break))
 
 
 def unpruned_scores(points: pd.DataFrame) -> pd.Series:
